@@ -1,0 +1,1 @@
+//! Benchmarks of llmft live in `benches/benches/`.

@@ -1,0 +1,1 @@
+//! Cross-crate integration tests of llmft live in `tests/tests/`.
