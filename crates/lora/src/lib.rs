@@ -1,9 +1,9 @@
-//! llmft-lora (skeleton; filled in by its issue).
+//! llmft-lora: LoRA, rsLoRA and DoRA adapters over any base linear, with PEFT-compatible IO (the LoRA issue fills it).
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operation this crate does not support yet.
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
+    /// The tensor layer failed.
+    #[error(transparent)]
+    Tensor(#[from] llmft_tensor::Error),
 }

@@ -1,9 +1,9 @@
-//! llmft-models (skeleton; filled in by its issue).
+//! llmft-models: Llama and Qwen models from Hugging Face directories with hand-written forward and backward (the models issue fills it).
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operation this crate does not support yet.
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
+    /// The tensor layer failed.
+    #[error(transparent)]
+    Tensor(#[from] llmft_tensor::Error),
 }

@@ -53,7 +53,7 @@ pub struct Ctx(Arc<Inner>);
 
 enum Inner {
     Cpu,
-    Cuda(CudaCtx),
+    Cuda(Box<CudaCtx>),
 }
 
 impl std::fmt::Debug for Ctx {
@@ -70,7 +70,7 @@ impl Ctx {
 
     /// A context for CUDA device `ordinal`, or [`Error::NoCuda`] saying why not.
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        Ok(Ctx(Arc::new(Inner::Cuda(CudaCtx::new(ordinal)?))))
+        Ok(Ctx(Arc::new(Inner::Cuda(Box::new(CudaCtx::new(ordinal)?)))))
     }
 
     /// A context for `device`.

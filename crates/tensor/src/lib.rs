@@ -16,6 +16,9 @@
 //! assert_eq!(c.to_vec::<f32>()?, vec![1.0, 2.0, 3.0, 4.0]);
 //! # Ok::<(), llmft_tensor::Error>(())
 //! ```
+// The CPU reference loops index several arrays by one position, as the kernels do.
+#![allow(clippy::needless_range_loop)]
+
 pub mod cuda;
 mod device;
 mod dtype;

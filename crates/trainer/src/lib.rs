@@ -1,9 +1,9 @@
-//! llmft-trainer (skeleton; filled in by its issue).
+//! llmft-trainer: the training loop, AdamW, schedules, accumulation, clipping, checkpoints and metrics (the trainer issue fills it).
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operation this crate does not support yet.
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
+    /// The tensor layer failed.
+    #[error(transparent)]
+    Tensor(#[from] llmft_tensor::Error),
 }

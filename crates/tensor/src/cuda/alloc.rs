@@ -175,6 +175,13 @@ impl CachingAllocator {
     }
 }
 
+impl Drop for CachingAllocator {
+    fn drop(&mut self) {
+        // Every block is back (blocks hold the allocator alive); free the cache.
+        let _ = self.empty_cache();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::size_class;
@@ -186,12 +193,5 @@ mod tests {
         assert_eq!(size_class(513), 1024);
         assert_eq!(size_class((1 << 20) + 1), 2 << 20);
         assert_eq!(size_class(3 << 20), 4 << 20);
-    }
-}
-
-impl Drop for CachingAllocator {
-    fn drop(&mut self) {
-        // Every block is back (blocks hold the allocator alive); free the cache.
-        let _ = self.empty_cache();
     }
 }

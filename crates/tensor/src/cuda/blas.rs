@@ -241,6 +241,7 @@ impl Blas {
     }
 
     /// D = alpha·op(A)·op(B) + beta·C (column-major, C = D in place).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul(
         &mut self,
         cu: &CudaCtx,

@@ -28,6 +28,17 @@ pub(crate) fn device_count() -> usize {
         .unwrap_or(0)
 }
 
+/// The CUDA driver's version as `(major, minor)`, or `None` without a driver.
+pub fn driver_version() -> Option<(i32, i32)> {
+    if device_count() == 0 {
+        return None;
+    }
+    let mut v = 0;
+    // SAFETY: the driver library is loaded and initialized (device_count).
+    unsafe { dsys::cuDriverGetVersion(&mut v) }.result().ok()?;
+    Some((v / 1000, (v % 1000) / 10))
+}
+
 /// Per-GPU context: the compute, copy and communication streams, the
 /// cuBLASLt handle with its workspace, the kernel cache and the caching
 /// allocator. Work is ordered on the compute stream; other streams are ordered
@@ -212,6 +223,11 @@ impl CudaCtx {
             *guard = Some(Blas::new(self)?);
         }
         f(guard.as_mut().unwrap())
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> String {
+        self.context.name().unwrap_or_else(|_| "unknown".into())
     }
 
     /// Device of this context.

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds llmft's test and bench binaries (and the CLI) here, strips them and
+# packs them into .gpu/bundle.tar.xz (git-ignored) with scripts/gpu/run.sh, so
+# a GPU machine without Rust can run them:
+#   scripts/gpu/build.sh [cargo package ...]      # default: the whole workspace
+# then on the GPU machine, from the repo root:   bash scripts/gpu/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+pkgs=()
+for p in "$@"; do pkgs+=(-p "$p"); done
+[ ${#pkgs[@]} -eq 0 ] && pkgs=(--workspace)
+stage=.gpu/stage
+rm -rf "$stage" && mkdir -p "$stage/test" "$stage/bench"
+
+collect() { # $1 = test|bench, rest = cargo args
+  local kind=$1; shift
+  cargo "$@" --release --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        t = m["target"]
+        print(m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0], t["name"], t["kind"][0], m["executable"])
+' | while read -r pkg name tkind exe; do
+    cp "$exe" "$stage/$kind/${pkg}__${tkind}__${name}"
+  done
+}
+collect test test "${pkgs[@]}"
+collect bench bench "${pkgs[@]}"
+cargo build --release -p llmft --bin llmft
+cp target/release/llmft "$stage/"
+strip "$stage"/test/* "$stage"/bench/* "$stage/llmft" 2>/dev/null || true
+ls "$stage/test" "$stage/bench"
+tar -C "$stage" -cf - . | xz -T2 -6 > .gpu/bundle.tar.xz
+rm -rf "$stage"
+du -h .gpu/bundle.tar.xz

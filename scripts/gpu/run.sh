@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the binaries packed by scripts/gpu/build.sh on a GPU machine and prints
+# one pass/fail table. Logs go to $OUT (or ./gpu-out).
+#   bash scripts/gpu/run.sh [tests|benches|all] [bench filter]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+what=${1:-all}
+filter=${2:-cuda}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+CUDA_LIB=${CUDA_LIB:-$(ls -d /usr/local/cuda-1*/targets/x86_64-linux/lib 2>/dev/null | tail -1)}
+export LD_LIBRARY_PATH="$CUDA_LIB:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+export LLMFT_KERNEL_CACHE=${LLMFT_KERNEL_CACHE:-/tmp/llmft-kernels}
+export LLMFT_REQUIRE_NVRTC=1 LLMFT_REQUIRE_GPU=1
+bin=/tmp/llmft-gpu
+rm -rf "$bin" && mkdir -p "$bin" && xz -dc .gpu/bundle.tar.xz | tar -C "$bin" -xf -
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+table="$OUT/table.md"
+echo "| binary | passed | failed | ignored | status |" > "$table"
+echo "|---|---|---|---|---|" >> "$table"
+if [ "$what" != benches ]; then
+  : > "$OUT/tests.log"
+  for t in "$bin"/test/*; do
+    name=$(basename "$t")
+    log=$(mktemp)
+    "$t" 2>&1 | tee "$log" >> "$OUT/tests.log"
+    rc=${PIPESTATUS[0]}
+    sum=$(grep -E '^test result:' "$log" | tail -1)
+    p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$sum"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$sum")
+    i=$(sed -nE 's/.* ([0-9]+) ignored.*/\1/p' <<<"$sum")
+    st=PASS; [ "$rc" -ne 0 ] && st="FAIL(rc=$rc)"
+    echo "| $name | ${p:-0} | ${f:-0} | ${i:-0} | $st |" >> "$table"
+    grep -h '^RESULT ' "$log" >> "$OUT/results.txt" || true
+    rm -f "$log"
+  done
+fi
+if [ "$what" != tests ]; then
+  : > "$OUT/bench.log"
+  for b in "$bin"/bench/*; do
+    echo "== $(basename "$b")" >> "$OUT/bench.log"
+    LLMFT_BENCH_SKIP_CPU=1 "$b" --bench "$filter" 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:' || true
+  done
+fi
+cat "$table"
