@@ -1,4 +1,7 @@
 // RMSNorm over the last dimension D: y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps).
+// Rows of up to RMS_MAXC * 8 * blockDim elements (16-byte aligned, D % 8 == 0)
+// are held in registers, so each input is read from memory once.
+#define RMS_MAXC 4
 
 template <typename E>
 __device__ void rmsnorm_fwd_body(const typename E::T* x, const typename E::T* w,
@@ -8,6 +11,35 @@ __device__ void rmsnorm_fwd_body(const typename E::T* x, const typename E::T* w,
     const typename E::T* xr = x + row * D;
     typename E::T* yr = y + row * D;
     bool vec = (D % 8 == 0) && aligned16(xr) && aligned16(w) && aligned16(yr);
+    int nc = D / 8;
+    if (vec && nc <= RMS_MAXC * (int)blockDim.x) {
+        float v[RMS_MAXC][8];
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < RMS_MAXC; ++k) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < nc) {
+                load8<E>(xr, c * 8, v[k]);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc += v[k][j] * v[k][j];
+            }
+        }
+        acc = block_sum(acc, sh);
+        float rr = rsqrtf(acc / (float)D + eps);
+        if (threadIdx.x == 0) rstd[row] = rr;
+#pragma unroll
+        for (int k = 0; k < RMS_MAXC; ++k) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < nc) {
+                float g[8];
+                load8<E>(w, c * 8, g);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[k][j] = v[k][j] * rr * g[j];
+                store8<E>(yr, c * 8, v[k]);
+            }
+        }
+        return;
+    }
     float ss = 0.f;
     if (vec) {
         for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
@@ -57,6 +89,40 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
         typename E::T* dxr = dx + row * D;
         float r = rstd[row];
         bool vec = (D % 8 == 0) && aligned16(dyr) && aligned16(xr) && aligned16(w) && aligned16(dxr);
+        int nc = D / 8;
+        if (vec && nc <= RMS_MAXC * (int)blockDim.x) {
+            float a[RMS_MAXC][8], b[RMS_MAXC][8];
+            float acc = 0.f;
+#pragma unroll
+            for (int k = 0; k < RMS_MAXC; ++k) {
+                int c = threadIdx.x + k * blockDim.x;
+                if (c < nc) {
+                    float g[8];
+                    load8<E>(dyr, c * 8, a[k]);
+                    load8<E>(xr, c * 8, b[k]);
+                    load8<E>(w, c * 8, g);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc += a[k][j] * g[j] * b[k][j];
+                }
+            }
+            acc = block_sum(acc, sh);
+            float k3 = r * r * r * acc / (float)D;
+#pragma unroll
+            for (int k = 0; k < RMS_MAXC; ++k) {
+                int c = threadIdx.x + k * blockDim.x;
+                if (c < nc) {
+                    float g[8], o[8];
+                    load8<E>(w, c * 8, g);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        o[j] = r * a[k][j] * g[j] - b[k][j] * k3;
+                        if (dw) dw_sh[c * 8 + j] += a[k][j] * b[k][j] * r;
+                    }
+                    store8<E>(dxr, c * 8, o);
+                }
+            }
+            continue;
+        }
         float dot = 0.f;
         if (vec) {
             for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {

@@ -5,6 +5,7 @@
 #   scripts/gpu/build.sh [cargo package ...]      # default: the whole workspace
 # then on the GPU machine, from the repo root:   bash scripts/gpu/run.sh
 set -euo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/../.."
 pkgs=()
 for p in "$@"; do pkgs+=(-p "$p"); done
@@ -14,21 +15,23 @@ rm -rf "$stage" && mkdir -p "$stage/test" "$stage/bench"
 
 collect() { # $1 = test|bench, rest = cargo args
   local kind=$1; shift
-  cargo "$@" --release --no-run --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys
+  cargo "$@" --no-run --message-format=json 2>"$stage/cargo-$kind.log" |
+    KIND=$kind python3 -c '
+import json, os, sys
+kind = os.environ["KIND"]
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (("bench" in m["target"]["kind"]) if kind == "bench" else m["profile"]["test"]):
         t = m["target"]
-        print(m["package_id"].split("#")[0].rsplit("/", 1)[-1].split("@")[0], t["name"], t["kind"][0], m["executable"])
+        print(m["package_id"].split("#")[-1].split("@")[0], t["name"], t["kind"][0], m["executable"])
 ' | while read -r pkg name tkind exe; do
     cp "$exe" "$stage/$kind/${pkg}__${tkind}__${name}"
   done
 }
-collect test test "${pkgs[@]}"
-collect bench bench "${pkgs[@]}"
+collect test test --release "${pkgs[@]}" || { cat "$stage/cargo-test.log"; exit 1; }
+collect bench bench "${pkgs[@]}" || { cat "$stage/cargo-bench.log"; exit 1; }
+rm -f "$stage"/cargo-*.log
 cargo build --release -p llmft --bin llmft
 cp target/release/llmft "$stage/"
 strip "$stage"/test/* "$stage"/bench/* "$stage/llmft" 2>/dev/null || true

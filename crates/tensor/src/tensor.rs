@@ -174,12 +174,14 @@ impl Tensor {
     /// A copy of this tensor on `ctx`'s device (synchronous for device->host).
     pub fn to_ctx(&self, ctx: &Ctx) -> Result<Self> {
         let mut out = Self::zeros(ctx, self.dtype, &self.shape)?;
-        out.copy_from(ctx, self)?;
+        // Device->host copies run on the source's context.
+        let via = match (ctx.device(), self.cuda_ctx()) {
+            (Device::Cpu, Some(src_ctx)) => src_ctx.clone(),
+            _ => ctx.clone(),
+        };
+        out.copy_from(&via, self)?;
         if out.device() == Device::Cpu {
-            ctx.synchronize()?;
-            if let Some(c) = self.cuda_ctx() {
-                c.synchronize()?;
-            }
+            via.synchronize()?;
         }
         Ok(out)
     }

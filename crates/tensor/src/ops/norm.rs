@@ -15,8 +15,10 @@ fn rows(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     Ok((x.numel() / d, d))
 }
 
+/// Threads per row: enough for each to hold at most 4 chunks of 8 elements
+/// in registers (the kernels' RMS_MAXC).
 fn threads_for(d: usize) -> usize {
-    (d / 8).next_multiple_of(32).clamp(32, 1024)
+    (d / 8).div_ceil(4).next_multiple_of(32).clamp(32, 1024)
 }
 
 /// `y = x · rstd · w` with `rstd = 1/√(mean(x²) + eps)` per row of the last
@@ -121,7 +123,7 @@ pub fn rmsnorm_bwd(
                 msg: format!("hidden size {d} exceeds the 12288 supported with a weight gradient"),
             });
         }
-        let blocks = n.min(cu.sm_count() * 4);
+        let blocks = n.min(cu.sm_count() * 8);
         let (dyp, xp, wp, rp, dxp) = (
             dy.device_ptr()?,
             x.device_ptr()?,
