@@ -34,6 +34,8 @@ collect bench bench "${pkgs[@]}" || { cat "$stage/cargo-bench.log"; exit 1; }
 rm -f "$stage"/cargo-*.log
 cargo build --release -p llmft --bin llmft
 cp target/release/llmft "$stage/"
+# Tests find fixtures through paths compiled in (CARGO_MANIFEST_DIR).
+pwd > "$stage/build_root"
 strip "$stage"/test/* "$stage"/bench/* "$stage/llmft" 2>/dev/null || true
 ls "$stage/test" "$stage/bench"
 tar -C "$stage" -cf - . | xz -T2 -6 > .gpu/bundle.tar.xz

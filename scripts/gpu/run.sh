@@ -14,6 +14,11 @@ export LLMFT_KERNEL_CACHE=${LLMFT_KERNEL_CACHE:-/tmp/llmft-kernels}
 export LLMFT_REQUIRE_NVRTC=1 LLMFT_REQUIRE_GPU=1
 bin=/tmp/llmft-gpu
 rm -rf "$bin" && mkdir -p "$bin" && xz -dc .gpu/bundle.tar.xz | tar -C "$bin" -xf -
+# Fixture paths are compiled in: make the build folder point at this checkout.
+root=$(cat "$bin/build_root")
+if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
+  mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 
 table="$OUT/table.md"
@@ -39,7 +44,11 @@ if [ "$what" != tests ]; then
   : > "$OUT/bench.log"
   for b in "$bin"/bench/*; do
     echo "== $(basename "$b")" >> "$OUT/bench.log"
-    LLMFT_BENCH_SKIP_CPU=1 "$b" --bench "$filter" 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:' || true
+    case "$b" in
+      *__ops) LLMFT_BENCH_SKIP_CPU=1 "$b" --bench "$filter" ;;
+      *__model_layers) for a in ${MODEL_BENCH_ARGS:-"llama3-8b 4 2048 1" "llama3-8b 4 2048 2" "llama3-8b 4 4096 1"}; do "$b" --bench $a; done ;;
+      *) "$b" --bench ;;
+    esac 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:|^\{' || true
   done
 fi
 cat "$table"

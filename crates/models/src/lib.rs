@@ -1,9 +1,31 @@
-//! llmft-models: Llama and Qwen models from Hugging Face directories with hand-written forward and backward (the models issue fills it).
+//! llmft-models: Llama and Qwen decoder models from Hugging Face folders,
+//! with hand-written forward and backward passes over llmft-tensor ops.
+//!
+//! A model is a sequence of units — embedding, decoder layers, final norm +
+//! LM head + loss — whose frozen weights come from a [`WeightStore`].
+//!
+//! ```
+//! use llmft_models::{Model, ModelBatch, ModelConfig};
+//! use llmft_tensor::{Ctx, DType};
+//! let json = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":64,"hidden_size":32,
+//!   "intermediate_size":48,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#;
+//! let cfg = ModelConfig::from_json(json, "config.json".as_ref())?;
+//! let ctx = Ctx::cpu();
+//! let model = Model::random(cfg, &ctx, DType::F32, 0)?;
+//! let batch = ModelBatch::from_host(&ctx, 1, 8, &[1, 5, 9, 2, 7, 3, 3, 8], None, None, None)?;
+//! let loss = model.forward_backward(&batch, None, None)?;
+//! assert!(loss.loss > 3.0 && loss.loss < 5.0); // ≈ ln(64) for random weights
+//! # Ok::<(), llmft_models::Error>(())
+//! ```
+mod config;
+mod error;
+mod layer;
+mod loader;
+mod model;
+mod store;
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The tensor layer failed.
-    #[error(transparent)]
-    Tensor(#[from] llmft_tensor::Error),
-}
+pub use config::{Arch, ModelConfig, SUPPORTED};
+pub use error::{Error, Result};
+pub use loader::{load_resident, load_units, random_units};
+pub use model::{Grads, Model, ModelBatch};
+pub use store::{BlobEntry, BlobLayout, Resident, UnitWeights, WeightStore};

@@ -1,0 +1,432 @@
+//! The decoder layer: forward and hand-written backward.
+//!
+//! ```text
+//! h1 = rmsnorm(x)            q,k,v = h1·Wqᵀ(+b), h1·Wkᵀ(+b), h1·Wvᵀ(+b)
+//! (Qwen3: q,k = rmsnorm per head)   q,k = rope(q,k)
+//! o  = softmax_causal(q·kᵀ/√d)·v     x2 = x + o·Woᵀ
+//! h2 = rmsnorm(x2)           a  = silu(h2·Wgᵀ) ⊙ (h2·Wuᵀ)     y = x2 + a·Wdᵀ
+//! ```
+use llmft_tensor::ops::{self, Gemm};
+use llmft_tensor::{Ctx, DType, Tensor};
+
+use crate::model::{Grads, ModelBatch};
+use crate::store::UnitWeights;
+use crate::{ModelConfig, Result};
+
+/// Activations a layer's backward needs (kept, or recomputed under
+/// gradient checkpointing).
+pub(crate) struct LayerActs {
+    h1: Tensor,
+    rstd1: Tensor,
+    q_pre: Option<Tensor>,
+    k_pre: Option<Tensor>,
+    rstd_q: Option<Tensor>,
+    rstd_k: Option<Tensor>,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    attn: Tensor,
+    x2: Tensor,
+    h2: Tensor,
+    rstd2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+pub(crate) struct Layer<'a> {
+    pub cfg: &'a ModelConfig,
+    pub ctx: &'a Ctx,
+    pub dt: DType,
+    pub w: &'a UnitWeights,
+    pub prefix: String,
+    pub inv_freq: &'a Tensor,
+}
+
+impl Layer<'_> {
+    fn z(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(self.ctx, self.dt, shape)?)
+    }
+    fn f32z(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(self.ctx, DType::F32, shape)?)
+    }
+    fn wt(&self, name: &str) -> Result<Tensor> {
+        self.w.get(&format!("{}{name}", self.prefix))
+    }
+
+    /// y = x·Wᵀ (+ b): x [N, in] -> y [N, out].
+    fn linear(&self, name: &str, x: &Tensor, out: usize) -> Result<Tensor> {
+        let n = x.shape()[0];
+        let mut y = self.z(&[n, out])?;
+        let w = self.wt(&format!("{name}.weight"))?;
+        ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
+        let bname = format!("{}{name}.bias", self.prefix);
+        if self.w.contains(&bname) {
+            let b = self.w.get(&bname)?.reshape(&[1, out])?;
+            let ones = ones(self.ctx, self.dt, n)?;
+            ops::gemm(self.ctx, &ones, &b, &mut y, Gemm::default().accumulate())?;
+        }
+        Ok(y)
+    }
+
+    /// Backward of `linear`: dx (+)= dy·W; weight/bias grads into `grads`.
+    fn linear_bwd(
+        &self,
+        name: &str,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        accumulate: bool,
+        grads: &mut Option<&mut Grads>,
+    ) -> Result<()> {
+        let w = self.wt(&format!("{name}.weight"))?;
+        let spec = if accumulate {
+            Gemm::default().accumulate()
+        } else {
+            Gemm::default()
+        };
+        ops::gemm(self.ctx, dy, &w, dx, spec)?;
+        if let Some(g) = grads.as_deref_mut() {
+            let full = format!("{}{name}.weight", self.prefix);
+            if let Some(dw) = g.get_mut(&full) {
+                ops::gemm(self.ctx, dy, x, dw, Gemm::tn().accumulate())?;
+            }
+            let bname = format!("{}{name}.bias", self.prefix);
+            if let Some(db) = g.get_mut(&bname) {
+                let n = dy.shape()[0];
+                let ones = ones(self.ctx, self.dt, n)?;
+                let out = dy.shape()[1];
+                let mut db2 = db.reshape(&[1, out])?;
+                ops::gemm(self.ctx, &ones, dy, &mut db2, Gemm::tn().accumulate())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward; returns y and the activations for backward.
+    pub fn forward(&self, x: &Tensor, batch: &ModelBatch) -> Result<(Tensor, LayerActs)> {
+        let c = self.cfg;
+        let (n, h) = (x.shape()[0], c.hidden_size);
+        let (b, t) = (batch.batch, batch.seq);
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_norm_eps;
+
+        let mut h1 = self.z(&[n, h])?;
+        let mut rstd1 = self.f32z(&[n])?;
+        ops::rmsnorm_fwd(
+            self.ctx,
+            x,
+            &self.wt("input_layernorm.weight")?,
+            eps,
+            &mut h1,
+            &mut rstd1,
+        )?;
+        let mut qt = self.linear("self_attn.q_proj", &h1, nh * d)?;
+        let mut kt = self.linear("self_attn.k_proj", &h1, nkv * d)?;
+        let vt = self.linear("self_attn.v_proj", &h1, nkv * d)?;
+        let (mut q_pre, mut k_pre, mut rstd_q, mut rstd_k) = (None, None, None, None);
+        if c.qk_norm {
+            let (qn, rq) = self.head_norm("self_attn.q_norm.weight", &qt, n * nh)?;
+            let (kn, rk) = self.head_norm("self_attn.k_norm.weight", &kt, n * nkv)?;
+            q_pre = Some(std::mem::replace(&mut qt, qn));
+            k_pre = Some(std::mem::replace(&mut kt, kn));
+            rstd_q = Some(rq);
+            rstd_k = Some(rk);
+        }
+        // RoPE in token-major layout, then head-major [B, H, T, D].
+        let mut qr = self.z(&[n, nh, d])?;
+        ops::rope_fwd(
+            self.ctx,
+            &qt.reshape(&[n, nh, d])?,
+            &batch.positions,
+            self.inv_freq,
+            &mut qr,
+        )?;
+        let mut kr = self.z(&[n, nkv, d])?;
+        ops::rope_fwd(
+            self.ctx,
+            &kt.reshape(&[n, nkv, d])?,
+            &batch.positions,
+            self.inv_freq,
+            &mut kr,
+        )?;
+        let q = to_heads(self.ctx, &qr, b, t, nh, d)?;
+        let k = to_heads(self.ctx, &kr, b, t, nkv, d)?;
+        let v = to_heads(self.ctx, &vt.reshape(&[n, nkv, d])?, b, t, nkv, d)?;
+
+        // Grouped attention: the `rep` query heads of a kv head are contiguous.
+        let rep = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let q3 = q.reshape(&[b * nkv, rep * t, d])?;
+        let k3 = k.reshape(&[b * nkv, t, d])?;
+        let v3 = v.reshape(&[b * nkv, t, d])?;
+        let mut scores = self.z(&[b * nkv, rep * t, t])?;
+        ops::gemm(self.ctx, &q3, &k3, &mut scores, Gemm::nt())?;
+        let mut probs = self.z(&[b, nh, t, t])?;
+        ops::softmax_causal_fwd(
+            self.ctx,
+            &scores.reshape(&[b, nh, t, t])?,
+            batch.segments.as_ref(),
+            scale,
+            &mut probs,
+        )?;
+        drop(scores);
+        let mut o3 = self.z(&[b * nkv, rep * t, d])?;
+        ops::gemm(
+            self.ctx,
+            &probs.reshape(&[b * nkv, rep * t, t])?,
+            &v3,
+            &mut o3,
+            Gemm::default(),
+        )?;
+        let attn = from_heads(self.ctx, &o3, b, t, nh, d)?;
+        let mut x2 = self.linear("self_attn.o_proj", &attn, h)?;
+        ops::axpby(self.ctx, 1.0, x, 1.0, &mut x2)?;
+
+        let mut h2 = self.z(&[n, h])?;
+        let mut rstd2 = self.f32z(&[n])?;
+        ops::rmsnorm_fwd(
+            self.ctx,
+            &x2,
+            &self.wt("post_attention_layernorm.weight")?,
+            eps,
+            &mut h2,
+            &mut rstd2,
+        )?;
+        let f = c.intermediate_size;
+        let gate = self.linear("mlp.gate_proj", &h2, f)?;
+        let up = self.linear("mlp.up_proj", &h2, f)?;
+        let mut act = self.z(&[n, f])?;
+        ops::swiglu_fwd(self.ctx, &gate, &up, &mut act)?;
+        let mut y = self.linear("mlp.down_proj", &act, h)?;
+        ops::axpby(self.ctx, 1.0, &x2, 1.0, &mut y)?;
+        Ok((
+            y,
+            LayerActs {
+                h1,
+                rstd1,
+                q_pre,
+                k_pre,
+                rstd_q,
+                rstd_k,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                x2,
+                h2,
+                rstd2,
+                gate,
+                up,
+                act,
+            },
+        ))
+    }
+
+    fn head_norm(&self, wname: &str, x: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {
+        let d = self.cfg.head_dim;
+        let mut y = self.z(&[rows, d])?;
+        let mut r = self.f32z(&[rows])?;
+        ops::rmsnorm_fwd(
+            self.ctx,
+            &x.reshape(&[rows, d])?,
+            &self.wt(wname)?,
+            self.cfg.rms_norm_eps,
+            &mut y,
+            &mut r,
+        )?;
+        Ok((y.reshape(x.shape())?, r))
+    }
+
+    fn head_norm_bwd(
+        &self,
+        wname: &str,
+        dy: &Tensor,
+        x: &Tensor,
+        rstd: &Tensor,
+        grads: &mut Option<&mut Grads>,
+    ) -> Result<Tensor> {
+        let d = self.cfg.head_dim;
+        let rows = rstd.shape()[0];
+        let mut dx = self.z(&[rows, d])?;
+        let full = format!("{}{wname}", self.prefix);
+        let dw = grads.as_deref_mut().and_then(|g| g.get_mut(&full));
+        ops::rmsnorm_bwd(
+            self.ctx,
+            &dy.reshape(&[rows, d])?,
+            &x.reshape(&[rows, d])?,
+            &self.wt(wname)?,
+            rstd,
+            &mut dx,
+            dw,
+        )?;
+        Ok(dx.reshape(dy.shape())?)
+    }
+
+    /// Backward: returns dx given dy and the forward's activations.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        a: &LayerActs,
+        dy: &Tensor,
+        batch: &ModelBatch,
+        grads: &mut Option<&mut Grads>,
+    ) -> Result<Tensor> {
+        let c = self.cfg;
+        let (n, h, f) = (x.shape()[0], c.hidden_size, c.intermediate_size);
+        let (b, t) = (batch.batch, batch.seq);
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let rep = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+
+        // MLP: y = x2 + down(act)
+        let mut dact = self.z(&[n, f])?;
+        self.linear_bwd("mlp.down_proj", &a.act, dy, &mut dact, false, grads)?;
+        let mut dgate = self.z(&[n, f])?;
+        let mut dup = self.z(&[n, f])?;
+        ops::swiglu_bwd(self.ctx, &dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
+        drop(dact);
+        let mut dh2 = self.z(&[n, h])?;
+        self.linear_bwd("mlp.gate_proj", &a.h2, &dgate, &mut dh2, false, grads)?;
+        self.linear_bwd("mlp.up_proj", &a.h2, &dup, &mut dh2, true, grads)?;
+        drop((dgate, dup));
+        let mut dx2 = self.z(&[n, h])?;
+        let ln2 = format!("{}post_attention_layernorm.weight", self.prefix);
+        let dw2 = grads.as_deref_mut().and_then(|g| g.get_mut(&ln2));
+        ops::rmsnorm_bwd(
+            self.ctx,
+            &dh2,
+            &a.x2,
+            &self.wt("post_attention_layernorm.weight")?,
+            &a.rstd2,
+            &mut dx2,
+            dw2,
+        )?;
+        ops::axpby(self.ctx, 1.0, dy, 1.0, &mut dx2)?;
+
+        // Attention: x2 = x + o_proj(attn)
+        let mut dattn = self.z(&[n, nh * d])?;
+        self.linear_bwd("self_attn.o_proj", &a.attn, &dx2, &mut dattn, false, grads)?;
+        let d_o = to_heads(self.ctx, &dattn.reshape(&[n, nh, d])?, b, t, nh, d)?;
+        let d_o3 = d_o.reshape(&[b * nkv, rep * t, d])?;
+        let p3 = a.probs.reshape(&[b * nkv, rep * t, t])?;
+        let (q3, k3, v3) = (
+            a.q.reshape(&[b * nkv, rep * t, d])?,
+            a.k.reshape(&[b * nkv, t, d])?,
+            a.v.reshape(&[b * nkv, t, d])?,
+        );
+        let mut dp = self.z(&[b * nkv, rep * t, t])?;
+        ops::gemm(self.ctx, &d_o3, &v3, &mut dp, Gemm::nt())?;
+        let mut dv = self.z(&[b * nkv, t, d])?;
+        ops::gemm(self.ctx, &p3, &d_o3, &mut dv, Gemm::tn())?;
+        let mut ds = self.z(&[b, nh, t, t])?;
+        ops::softmax_causal_bwd(
+            self.ctx,
+            &a.probs,
+            &dp.reshape(&[b, nh, t, t])?,
+            scale,
+            &mut ds,
+        )?;
+        drop(dp);
+        let ds3 = ds.reshape(&[b * nkv, rep * t, t])?;
+        let mut dq = self.z(&[b * nkv, rep * t, d])?;
+        ops::gemm(self.ctx, &ds3, &k3, &mut dq, Gemm::default())?;
+        let mut dk = self.z(&[b * nkv, t, d])?;
+        ops::gemm(self.ctx, &ds3, &q3, &mut dk, Gemm::tn())?;
+        drop(ds);
+        let dq_tok = from_heads(self.ctx, &dq, b, t, nh, d)?;
+        let dk_tok = from_heads(self.ctx, &dk, b, t, nkv, d)?;
+        let dv_tok = from_heads(self.ctx, &dv, b, t, nkv, d)?;
+        let mut dq_r = self.z(&[n, nh, d])?;
+        ops::rope_bwd(
+            self.ctx,
+            &dq_tok.reshape(&[n, nh, d])?,
+            &batch.positions,
+            self.inv_freq,
+            &mut dq_r,
+        )?;
+        let mut dk_r = self.z(&[n, nkv, d])?;
+        ops::rope_bwd(
+            self.ctx,
+            &dk_tok.reshape(&[n, nkv, d])?,
+            &batch.positions,
+            self.inv_freq,
+            &mut dk_r,
+        )?;
+        let mut dq_lin = dq_r.reshape(&[n, nh * d])?;
+        let mut dk_lin = dk_r.reshape(&[n, nkv * d])?;
+        if c.qk_norm {
+            let (qp, kp) = (a.q_pre.as_ref().unwrap(), a.k_pre.as_ref().unwrap());
+            dq_lin = self.head_norm_bwd(
+                "self_attn.q_norm.weight",
+                &dq_lin,
+                qp,
+                a.rstd_q.as_ref().unwrap(),
+                grads,
+            )?;
+            dk_lin = self.head_norm_bwd(
+                "self_attn.k_norm.weight",
+                &dk_lin,
+                kp,
+                a.rstd_k.as_ref().unwrap(),
+                grads,
+            )?;
+        }
+        let dv_lin = dv_tok.reshape(&[n, nkv * d])?;
+        let mut dh1 = self.z(&[n, h])?;
+        self.linear_bwd("self_attn.q_proj", &a.h1, &dq_lin, &mut dh1, false, grads)?;
+        self.linear_bwd("self_attn.k_proj", &a.h1, &dk_lin, &mut dh1, true, grads)?;
+        self.linear_bwd("self_attn.v_proj", &a.h1, &dv_lin, &mut dh1, true, grads)?;
+        let mut dx = self.z(&[n, h])?;
+        let ln1 = format!("{}input_layernorm.weight", self.prefix);
+        let dw1 = grads.as_deref_mut().and_then(|g| g.get_mut(&ln1));
+        ops::rmsnorm_bwd(
+            self.ctx,
+            &dh1,
+            x,
+            &self.wt("input_layernorm.weight")?,
+            &a.rstd1,
+            &mut dx,
+            dw1,
+        )?;
+        ops::axpby(self.ctx, 1.0, &dx2, 1.0, &mut dx)?;
+        Ok(dx)
+    }
+}
+
+/// A column of ones `[n, 1]` (bias add and bias gradient as GEMMs).
+fn ones(ctx: &Ctx, dt: DType, n: usize) -> Result<Tensor> {
+    let mut o = Tensor::zeros(ctx, dt, &[n, 1])?;
+    ops::fill(ctx, &mut o, 1.0)?;
+    Ok(o)
+}
+
+/// `[B·T, H, D]` token-major -> `[B, H, T, D]` head-major.
+pub(crate) fn to_heads(
+    ctx: &Ctx,
+    x: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let mut y = Tensor::zeros(ctx, x.dtype(), &[b, h, t, d])?;
+    ops::permute_0213(ctx, &x.reshape(&[b, t, h, d])?, &mut y)?;
+    Ok(y)
+}
+
+/// `[B, H, T, D]` (any reshape of it) -> `[B·T, H·D]` token-major.
+pub(crate) fn from_heads(
+    ctx: &Ctx,
+    x: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let mut y = Tensor::zeros(ctx, x.dtype(), &[b, t, h, d])?;
+    ops::permute_0213(ctx, &x.reshape(&[b, h, t, d])?, &mut y)?;
+    Ok(y.reshape(&[b * t, h * d])?)
+}

@@ -1,0 +1,242 @@
+//! Loading Hugging Face checkpoints (single or sharded safetensors) tensor by
+//! tensor into unit blobs, and random initialization without a file.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use llmft_tensor::{ops, Ctx, DType, Tensor};
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::store::{BlobLayout, Resident, UnitWeights};
+use crate::{Error, ModelConfig, Result};
+
+/// Where each tensor of a checkpoint lives.
+struct Index {
+    dir: PathBuf,
+    /// tensor name -> file name
+    files: HashMap<String, String>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Index {
+    fn open(dir: &Path) -> Result<Self> {
+        let idx = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let mut files = HashMap::new();
+        if idx.is_file() {
+            let text = std::fs::read_to_string(&idx).map_err(io(&idx))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: idx.clone(),
+                msg: e.to_string(),
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config {
+                    path: idx.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            for (k, f) in map {
+                let f = f.as_str().ok_or_else(|| Error::Config {
+                    path: idx.clone(),
+                    msg: format!("weight_map[`{k}`] is not a file name"),
+                })?;
+                files.insert(k.clone(), f.to_string());
+            }
+        } else if single.is_file() {
+            let st = Shard::open(&single)?;
+            for name in st.names()? {
+                files.insert(name, "model.safetensors".into());
+            }
+        } else {
+            return Err(Error::Io {
+                path: single,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json exists",
+                ),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+        })
+    }
+}
+
+/// One memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).map_err(io(path))?;
+        // SAFETY: the file is opened read-only; checkpoints are not modified
+        // while llmft reads them (a truncation would be a user error that
+        // surfaces as a parse error or SIGBUS, as with every mmap reader).
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io(path))?;
+        SafeTensors::deserialize(&map).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+
+    fn parsed(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.map).expect("validated in open")
+    }
+
+    fn names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .parsed()
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect())
+    }
+
+    /// Drops the pages of the mapping from this process's resident set.
+    fn forget_pages(&self) {
+        // SAFETY: DONTNEED on a read-only file mapping only discards clean
+        // pages, which are re-read from the file on the next access.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+}
+
+fn host_tensor(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Tensor> {
+    let cpu = Ctx::cpu();
+    let shape = view.shape().to_vec();
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        other => {
+            return Err(Error::TensorDType {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    };
+    let mut t = Tensor::zeros(&cpu, dtype, &shape)?;
+    t.as_bytes_mut()?.copy_from_slice(view.data());
+    Ok(t)
+}
+
+/// Loads the frozen weights of every unit from a Hugging Face folder onto
+/// `ctx`, converting to `dtype`. Only one tensor is staged in host memory at
+/// a time and file pages are released after each tensor, so peak host memory
+/// is about the largest tensor, not the model.
+pub fn load_units(
+    dir: &Path,
+    config: &ModelConfig,
+    ctx: &Ctx,
+    dtype: DType,
+) -> Result<Vec<UnitWeights>> {
+    let index = Index::open(dir)?;
+    let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
+    let mut units = Vec::with_capacity(config.num_units());
+    for unit in 0..config.num_units() {
+        let wanted = config.unit_tensors(unit);
+        let mut layout = BlobLayout::default();
+        for (name, shape) in &wanted {
+            layout.push(name, dtype, shape);
+        }
+        let uw = UnitWeights::zeros(ctx, layout)?;
+        for (name, shape) in &wanted {
+            let file = index.files.get(name).ok_or_else(|| Error::MissingTensor {
+                dir: index.dir.clone(),
+                name: name.clone(),
+            })?;
+            if !shards.contains_key(file) {
+                let p = index.dir.join(file);
+                shards.insert(file.clone(), Shard::open(&p)?);
+            }
+            let shard = &shards[file];
+            let st = shard.parsed();
+            let view = st.tensor(name).map_err(|_| Error::MissingTensor {
+                dir: shard.path.clone(),
+                name: name.clone(),
+            })?;
+            if view.shape() != shape.as_slice() {
+                return Err(Error::TensorShape {
+                    path: shard.path.clone(),
+                    name: name.clone(),
+                    got: view.shape().to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+            let host = host_tensor(&shard.path, name, &view)?;
+            let mut dst = uw.get(name)?;
+            if host.dtype() == dtype {
+                dst.copy_from(ctx, &host)?;
+            } else {
+                let mut conv = Tensor::zeros(&Ctx::cpu(), dtype, shape)?;
+                ops::cast(&Ctx::cpu(), &host, &mut conv)?;
+                dst.copy_from(ctx, &conv)?;
+            }
+            ctx.synchronize()?;
+            shard.forget_pages();
+        }
+        units.push(uw);
+    }
+    Ok(units)
+}
+
+/// Randomly initialized units for `config` (normal(0, initializer_range) for
+/// matrices, ones for norms, zeros for biases), seeded.
+pub fn random_units(
+    config: &ModelConfig,
+    ctx: &Ctx,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<UnitWeights>> {
+    let mut units = Vec::with_capacity(config.num_units());
+    for unit in 0..config.num_units() {
+        let wanted = config.unit_tensors(unit);
+        let mut layout = BlobLayout::default();
+        for (name, shape) in &wanted {
+            layout.push(name, dtype, shape);
+        }
+        let uw = UnitWeights::zeros(ctx, layout)?;
+        for (k, (name, _)) in wanted.iter().enumerate() {
+            let mut t = uw.get(name)?;
+            if name.ends_with("norm.weight") {
+                ops::fill(ctx, &mut t, 1.0)?;
+            } else if !name.ends_with(".bias") {
+                let s = seed ^ ((unit as u64) << 32) ^ k as u64;
+                ops::fill_normal(ctx, &mut t, s, 0.0, config.initializer_range)?;
+            }
+        }
+        units.push(uw);
+    }
+    Ok(units)
+}
+
+/// A resident store over a loaded folder.
+pub fn load_resident(
+    dir: &Path,
+    config: &ModelConfig,
+    ctx: &Ctx,
+    dtype: DType,
+) -> Result<Resident> {
+    Ok(Resident::new(load_units(dir, config, ctx, dtype)?))
+}

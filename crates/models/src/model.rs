@@ -1,0 +1,379 @@
+//! The model: embedding, decoder layers, final norm + LM head + loss, run
+//! unit by unit over a [`WeightStore`].
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
+use llmft_tensor::{Ctx, DType, Tensor};
+
+use crate::layer::{Layer, LayerActs};
+use crate::loader::{load_units, random_units};
+use crate::store::{Resident, WeightStore};
+use crate::{Error, ModelConfig, Result};
+
+/// One batch of `batch` rows of `seq` tokens, flattened row-major.
+pub struct ModelBatch {
+    /// Rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Token ids `[B·T]` (i32).
+    pub ids: Tensor,
+    /// Next-token targets `[B·T]` (i32, −100 = not trained).
+    pub targets: Tensor,
+    /// Position ids `[B·T]` (i32; restart at 0 for each packed example).
+    pub positions: Tensor,
+    /// Example ids `[B, T]` (i32) of packed rows; `None` = one sequence per row.
+    pub segments: Option<Tensor>,
+}
+
+impl ModelBatch {
+    /// A batch from host vectors. Positions default to 0..T per row; targets
+    /// to the next token in the row (−100 at the last position).
+    pub fn from_host(
+        ctx: &Ctx,
+        batch: usize,
+        seq: usize,
+        ids: &[i32],
+        targets: Option<&[i32]>,
+        positions: Option<&[i32]>,
+        segments: Option<&[i32]>,
+    ) -> Result<Self> {
+        let n = batch * seq;
+        for (what, len) in [
+            ("ids", Some(ids.len())),
+            ("targets", targets.map(|t| t.len())),
+            ("positions", positions.map(|t| t.len())),
+            ("segments", segments.map(|t| t.len())),
+        ] {
+            if let Some(l) = len {
+                if l != n {
+                    return Err(Error::Invalid(format!(
+                        "batch {what} has {l} entries, expected {batch}×{seq} = {n}"
+                    )));
+                }
+            }
+        }
+        let default_targets: Vec<i32> = (0..n)
+            .map(|i| if (i + 1) % seq == 0 { -100 } else { ids[i + 1] })
+            .collect();
+        let default_pos: Vec<i32> = (0..n).map(|i| (i % seq) as i32).collect();
+        Ok(Self {
+            batch,
+            seq,
+            ids: Tensor::from_slice(ctx, ids, &[n])?,
+            targets: Tensor::from_slice(ctx, targets.unwrap_or(&default_targets), &[n])?,
+            positions: Tensor::from_slice(ctx, positions.unwrap_or(&default_pos), &[n])?,
+            segments: segments
+                .map(|s| Tensor::from_slice(ctx, s, &[batch, seq]))
+                .transpose()?,
+        })
+    }
+
+    fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// f32 gradient buffers by Hugging Face tensor name (plus `embed_output`,
+/// the gradient of the embedding output, when asked for).
+#[derive(Default)]
+pub struct Grads {
+    map: BTreeMap<String, Tensor>,
+}
+
+impl Grads {
+    /// Zeroed gradients for every frozen tensor of the model (full training /
+    /// reference checks).
+    pub fn for_all_weights(model: &Model) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for u in 0..model.config.num_units() {
+            for (name, shape) in model.config.unit_tensors(u) {
+                map.insert(name, Tensor::zeros(&model.ctx, DType::F32, &shape)?);
+            }
+        }
+        Ok(Self { map })
+    }
+
+    /// The gradient of `name`, if tracked.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.map.get(name)
+    }
+
+    /// The gradient of `name`, mutably.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.map.get_mut(name)
+    }
+
+    /// Tracks `name` with a zeroed buffer.
+    pub fn track(&mut self, ctx: &Ctx, name: &str, shape: &[usize]) -> Result<()> {
+        self.map
+            .insert(name.to_string(), Tensor::zeros(ctx, DType::F32, shape)?);
+        Ok(())
+    }
+
+    /// Names tracked.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+}
+
+/// A decoder-only transformer over a weight store.
+pub struct Model {
+    /// Its configuration.
+    pub config: ModelConfig,
+    ctx: Ctx,
+    dtype: DType,
+    store: Box<dyn WeightStore>,
+    inv_freq: Tensor,
+    /// Keep only each layer's input and recompute inside backward.
+    pub checkpointing: bool,
+}
+
+impl Model {
+    /// A model over `store` computing in `dtype` on `ctx`.
+    pub fn new(
+        config: ModelConfig,
+        ctx: &Ctx,
+        dtype: DType,
+        store: Box<dyn WeightStore>,
+    ) -> Result<Self> {
+        let inv = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling);
+        let inv_freq = Tensor::from_slice(ctx, &inv, &[config.head_dim / 2])?;
+        if store.num_units() != config.num_units() {
+            return Err(Error::Invalid(format!(
+                "the weight store has {} units, the config {}",
+                store.num_units(),
+                config.num_units()
+            )));
+        }
+        Ok(Self {
+            config,
+            ctx: ctx.clone(),
+            dtype,
+            store,
+            inv_freq,
+            checkpointing: false,
+        })
+    }
+
+    /// Loads a Hugging Face folder (config.json + safetensors) resident on `ctx`.
+    pub fn from_dir(dir: &Path, ctx: &Ctx, dtype: DType) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let units = load_units(dir, &config, ctx, dtype)?;
+        Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
+    }
+
+    /// A randomly initialized model of `config`.
+    pub fn random(config: ModelConfig, ctx: &Ctx, dtype: DType, seed: u64) -> Result<Self> {
+        let units = random_units(&config, ctx, dtype, seed)?;
+        Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
+    }
+
+    /// The compute context.
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn layer<'a>(&'a self, w: &'a crate::store::UnitWeights, i: usize) -> Layer<'a> {
+        Layer {
+            cfg: &self.config,
+            ctx: &self.ctx,
+            dt: self.dtype,
+            w,
+            prefix: format!("model.layers.{i}."),
+            inv_freq: &self.inv_freq,
+        }
+    }
+
+    fn check_batch(&self, batch: &ModelBatch) -> Result<()> {
+        for (what, t) in [
+            ("ids", &batch.ids),
+            ("targets", &batch.targets),
+            ("positions", &batch.positions),
+        ] {
+            if t.shape() != [batch.tokens()] || t.dtype() != DType::I32 {
+                return Err(Error::Invalid(format!(
+                    "batch {what} must be i32 [{}], got {} {:?}",
+                    batch.tokens(),
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn embed(&self, batch: &ModelBatch) -> Result<Tensor> {
+        let w = self.store.fetch(0)?;
+        let table = w.get("model.embed_tokens.weight")?;
+        let mut x = Tensor::zeros(
+            &self.ctx,
+            self.dtype,
+            &[batch.tokens(), self.config.hidden_size],
+        )?;
+        ops::embedding_fwd(&self.ctx, &batch.ids, &table, &mut x)?;
+        Ok(x)
+    }
+
+    fn head_weight(&self) -> Result<(Tensor, &'static str)> {
+        if self.config.tie_word_embeddings {
+            Ok((
+                self.store.fetch(0)?.get("model.embed_tokens.weight")?,
+                "model.embed_tokens.weight",
+            ))
+        } else {
+            let u = self.store.fetch(self.config.num_layers + 1)?;
+            Ok((u.get("lm_head.weight")?, "lm_head.weight"))
+        }
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let u = self.store.fetch(self.config.num_layers + 1)?;
+        let n = x.shape()[0];
+        let mut h = Tensor::zeros(&self.ctx, self.dtype, x.shape())?;
+        let mut r = Tensor::zeros(&self.ctx, DType::F32, &[n])?;
+        ops::rmsnorm_fwd(
+            &self.ctx,
+            x,
+            &u.get("model.norm.weight")?,
+            self.config.rms_norm_eps,
+            &mut h,
+            &mut r,
+        )?;
+        Ok((h, r))
+    }
+
+    /// f32 logits `[B·T, V]` (for checks and generation; training never
+    /// materializes them).
+    pub fn logits(&self, batch: &ModelBatch) -> Result<Tensor> {
+        self.check_batch(batch)?;
+        let mut x = self.embed(batch)?;
+        for i in 0..self.config.num_layers {
+            let w = self.store.fetch(i + 1)?;
+            x = self.layer(&w, i).forward(&x, batch)?.0;
+        }
+        let (h, _) = self.final_norm(&x)?;
+        let (w, _) = self.head_weight()?;
+        let mut logits = Tensor::zeros(
+            &self.ctx,
+            DType::F32,
+            &[batch.tokens(), self.config.vocab_size],
+        )?;
+        ops::gemm(&self.ctx, &h, &w, &mut logits, Gemm::nt())?;
+        Ok(logits)
+    }
+
+    /// Decoder layer `i` forward on hidden states `x [B·T, H]`.
+    pub fn forward_layer(&self, i: usize, x: &Tensor, batch: &ModelBatch) -> Result<Tensor> {
+        let w = self.store.fetch(i + 1)?;
+        Ok(self.layer(&w, i).forward(x, batch)?.0)
+    }
+
+    /// Decoder layer `i` backward as gradient checkpointing runs it: the
+    /// forward is recomputed from `x`, then `dx` is returned for `dy`.
+    pub fn backward_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        dy: &Tensor,
+        batch: &ModelBatch,
+        grads: Option<&mut Grads>,
+    ) -> Result<Tensor> {
+        let w = self.store.fetch(i + 1)?;
+        let layer = self.layer(&w, i);
+        let (_, a) = layer.forward(x, batch)?;
+        let mut grads = grads;
+        layer.backward(x, &a, dy, batch, &mut grads)
+    }
+
+    /// Forward and backward over one batch. The loss is the sum over
+    /// trained targets divided by `normalizer` (default: their count).
+    /// Gradients of tracked weights are added into `grads`; with
+    /// `embed_output` tracked there, the gradient of the embedding output
+    /// is written too.
+    pub fn forward_backward(
+        &self,
+        batch: &ModelBatch,
+        normalizer: Option<f32>,
+        mut grads: Option<&mut Grads>,
+    ) -> Result<LossStats> {
+        self.check_batch(batch)?;
+        let l = self.config.num_layers;
+        let x0 = self.embed(batch)?;
+        // Forward: keep each layer's input; keep activations unless checkpointing.
+        let mut inputs: Vec<Tensor> = Vec::with_capacity(l + 1);
+        let mut acts: Vec<Option<LayerActs>> = Vec::with_capacity(l);
+        let mut x = x0;
+        for i in 0..l {
+            self.store.prefetch(i + 2)?;
+            let w = self.store.fetch(i + 1)?;
+            let (y, a) = self.layer(&w, i).forward(&x, batch)?;
+            acts.push(if self.checkpointing { None } else { Some(a) });
+            inputs.push(x);
+            x = y;
+            self.store.release(i + 1)?;
+        }
+        // Head: final norm, fused LM head + cross-entropy.
+        let (h, rstd) = self.final_norm(&x)?;
+        let (w_head, head_name) = self.head_weight()?;
+        let mut dh = Tensor::zeros(&self.ctx, self.dtype, h.shape())?;
+        let opts = CrossEntropyOpts {
+            normalizer,
+            ..CrossEntropyOpts::default()
+        };
+        let stats = {
+            let dw = grads.as_deref_mut().and_then(|g| g.get_mut(head_name));
+            ops::lm_head_cross_entropy(
+                &self.ctx,
+                &h,
+                &w_head,
+                &batch.targets,
+                &opts,
+                Some(LmHeadGrads { dh: &mut dh, dw }),
+            )?
+        };
+        let u = self.store.fetch(l + 1)?;
+        let mut dx = Tensor::zeros(&self.ctx, self.dtype, x.shape())?;
+        {
+            let dnorm = grads
+                .as_deref_mut()
+                .and_then(|g| g.get_mut("model.norm.weight"));
+            ops::rmsnorm_bwd(
+                &self.ctx,
+                &dh,
+                &x,
+                &u.get("model.norm.weight")?,
+                &rstd,
+                &mut dx,
+                dnorm,
+            )?;
+        }
+        drop((h, dh, x));
+        // Layers in reverse.
+        for i in (0..l).rev() {
+            let w = self.store.fetch(i + 1)?;
+            let layer = self.layer(&w, i);
+            let xin = inputs.pop().expect("one input per layer");
+            let a = match acts.pop().flatten() {
+                Some(a) => a,
+                None => layer.forward(&xin, batch)?.1,
+            };
+            dx = layer.backward(&xin, &a, &dx, batch, &mut grads)?;
+        }
+        if let Some(g) = grads {
+            if let Some(e) = g.get_mut("embed_output") {
+                ops::cast(&self.ctx, &dx, e)?;
+            }
+            if let Some(de) = g.get_mut("model.embed_tokens.weight") {
+                ops::embedding_bwd(&self.ctx, &batch.ids, &dx, de)?;
+            }
+        }
+        Ok(stats)
+    }
+}
