@@ -29,7 +29,7 @@ if [ "$what" != benches ]; then
   for t in "$bin"/test/*; do
     name=$(basename "$t")
     log=$(mktemp)
-    "$t" 2>&1 | tee "$log" >> "$OUT/tests.log"
+    "$t" --nocapture 2>&1 | tee "$log" >> "$OUT/tests.log"
     rc=${PIPESTATUS[0]}
     sum=$(grep -E '^test result:' "$log" | tail -1)
     p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$sum"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$sum")
@@ -46,7 +46,9 @@ if [ "$what" != tests ]; then
     echo "== $(basename "$b")" >> "$OUT/bench.log"
     case "$b" in
       *__ops) LLMFT_BENCH_SKIP_CPU=1 "$b" --bench "$filter" ;;
-      *__model_layers) for a in ${MODEL_BENCH_ARGS:-"llama3-8b 4 2048 1" "llama3-8b 4 2048 2" "llama3-8b 4 4096 1"}; do "$b" --bench $a; done ;;
+      *__model_layers)
+        IFS=';' read -ra runs <<< "${MODEL_BENCH_ARGS:-llama3-8b 4 2048 1;llama3-8b 4 2048 2;llama3-8b 4 4096 1}"
+        for a in "${runs[@]}"; do "$b" --bench $a; done ;;
       *) "$b" --bench ;;
     esac 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:|^\{' || true
   done
