@@ -83,6 +83,14 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
     __shared__ float sh[32];
     if (dw)
         for (int i = threadIdx.x; i < D; i += blockDim.x) dw_sh[i] = 0.f;
+    // The register path's columns are fixed per thread, so its weight
+    // gradient stays in registers until the end.
+    float dwr[RMS_MAXC][8];
+#pragma unroll
+    for (int k = 0; k < RMS_MAXC; ++k)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dwr[k][j] = 0.f;
+    bool used_regs = false;
     for (long long row = blockIdx.x; row < N; row += gridDim.x) {
         const typename E::T* dyr = dy + row * D;
         const typename E::T* xr = x + row * D;
@@ -116,11 +124,12 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         o[j] = r * a[k][j] * g[j] - b[k][j] * k3;
-                        if (dw) dw_sh[c * 8 + j] += a[k][j] * b[k][j] * r;
+                        dwr[k][j] += a[k][j] * b[k][j] * r;
                     }
                     store8<E>(dxr, c * 8, o);
                 }
             }
+            used_regs = true;
             continue;
         }
         float dot = 0.f;
@@ -161,6 +170,15 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
         }
     }
     if (dw) {
+        if (used_regs) {
+#pragma unroll
+            for (int k = 0; k < RMS_MAXC; ++k) {
+                int c = threadIdx.x + k * blockDim.x;
+                if (c < D / 8)
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) dw_sh[c * 8 + j] += dwr[k][j];
+            }
+        }
         __syncthreads();
         for (int i = threadIdx.x; i < D; i += blockDim.x) atomicAdd(dw + i, dw_sh[i]);
     }
