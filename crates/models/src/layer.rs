@@ -35,6 +35,46 @@ pub(crate) struct LayerActs {
     act: Tensor,
 }
 
+struct Qkv {
+    h1: Tensor,
+    rstd1: Tensor,
+    q_pre: Option<Tensor>,
+    k_pre: Option<Tensor>,
+    rstd_q: Option<Tensor>,
+    rstd_k: Option<Tensor>,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+struct Mlp {
+    x2: Tensor,
+    h2: Tensor,
+    rstd2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// Keys and values of one layer for one sequence: `[kv_heads, capacity, head_dim]`.
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `capacity` positions.
+    pub fn new(ctx: &Ctx, dtype: DType, cfg: &ModelConfig, capacity: usize) -> Result<Self> {
+        let shape = [cfg.num_kv_heads * capacity, cfg.head_dim];
+        Ok(Self {
+            k: Tensor::zeros(ctx, dtype, &shape)?,
+            v: Tensor::zeros(ctx, dtype, &shape)?,
+            capacity,
+        })
+    }
+}
+
 pub(crate) struct Layer<'a> {
     pub cfg: &'a ModelConfig,
     pub ctx: &'a Ctx,
@@ -104,27 +144,25 @@ impl Layer<'_> {
         Ok(())
     }
 
-    /// Forward; returns y and the activations for backward.
-    pub fn forward(&self, x: &Tensor, batch: &ModelBatch) -> Result<(Tensor, LayerActs)> {
+    /// The attention inputs: h1 = rmsnorm(x); q, k, v projections; Qwen3's
+    /// per-head norms; RoPE on q and k (token-major `[N, H, D]`).
+    fn qkv(&self, x: &Tensor, positions: &Tensor) -> Result<Qkv> {
         let c = self.cfg;
         let (n, h) = (x.shape()[0], c.hidden_size);
-        let (b, t) = (batch.batch, batch.seq);
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let eps = c.rms_norm_eps;
-
         let mut h1 = self.z(&[n, h])?;
         let mut rstd1 = self.f32z(&[n])?;
         ops::rmsnorm_fwd(
             self.ctx,
             x,
             &self.wt("input_layernorm.weight")?,
-            eps,
+            c.rms_norm_eps,
             &mut h1,
             &mut rstd1,
         )?;
         let mut qt = self.linear("self_attn.q_proj", &h1, nh * d)?;
         let mut kt = self.linear("self_attn.k_proj", &h1, nkv * d)?;
-        let vt = self.linear("self_attn.v_proj", &h1, nkv * d)?;
+        let v = self.linear("self_attn.v_proj", &h1, nkv * d)?;
         let (mut q_pre, mut k_pre, mut rstd_q, mut rstd_k) = (None, None, None, None);
         if c.qk_norm {
             let (qn, rq) = self.head_norm("self_attn.q_norm.weight", &qt, n * nh)?;
@@ -134,26 +172,73 @@ impl Layer<'_> {
             rstd_q = Some(rq);
             rstd_k = Some(rk);
         }
-        // RoPE in token-major layout, then head-major [B, H, T, D].
-        let mut qr = self.z(&[n, nh, d])?;
+        let mut q = self.z(&[n, nh, d])?;
         ops::rope_fwd(
             self.ctx,
             &qt.reshape(&[n, nh, d])?,
-            &batch.positions,
+            positions,
             self.inv_freq,
-            &mut qr,
+            &mut q,
         )?;
-        let mut kr = self.z(&[n, nkv, d])?;
+        let mut k = self.z(&[n, nkv, d])?;
         ops::rope_fwd(
             self.ctx,
             &kt.reshape(&[n, nkv, d])?,
-            &batch.positions,
+            positions,
             self.inv_freq,
-            &mut kr,
+            &mut k,
         )?;
-        let q = to_heads(self.ctx, &qr, b, t, nh, d)?;
-        let k = to_heads(self.ctx, &kr, b, t, nkv, d)?;
-        let v = to_heads(self.ctx, &vt.reshape(&[n, nkv, d])?, b, t, nkv, d)?;
+        Ok(Qkv {
+            h1,
+            rstd1,
+            q_pre,
+            k_pre,
+            rstd_q,
+            rstd_k,
+            q,
+            k,
+            v: v.reshape(&[n, nkv, d])?,
+        })
+    }
+
+    /// x2 = x + o_proj(attn); y = x2 + down(silu(gate(h2)) ⊙ up(h2)).
+    fn out_and_mlp(&self, x: &Tensor, attn: &Tensor) -> Result<(Tensor, Mlp)> {
+        let c = self.cfg;
+        let (n, h, f) = (x.shape()[0], c.hidden_size, c.intermediate_size);
+        let mut x2 = self.linear("self_attn.o_proj", attn, h)?;
+        ops::axpby(self.ctx, 1.0, x, 1.0, &mut x2)?;
+        let mut h2 = self.z(&[n, h])?;
+        let mut rstd2 = self.f32z(&[n])?;
+        let w2 = self.wt("post_attention_layernorm.weight")?;
+        ops::rmsnorm_fwd(self.ctx, &x2, &w2, c.rms_norm_eps, &mut h2, &mut rstd2)?;
+        let gate = self.linear("mlp.gate_proj", &h2, f)?;
+        let up = self.linear("mlp.up_proj", &h2, f)?;
+        let mut act = self.z(&[n, f])?;
+        ops::swiglu_fwd(self.ctx, &gate, &up, &mut act)?;
+        let mut y = self.linear("mlp.down_proj", &act, h)?;
+        ops::axpby(self.ctx, 1.0, &x2, 1.0, &mut y)?;
+        Ok((
+            y,
+            Mlp {
+                x2,
+                h2,
+                rstd2,
+                gate,
+                up,
+                act,
+            },
+        ))
+    }
+
+    /// Forward; returns y and the activations for backward.
+    pub fn forward(&self, x: &Tensor, batch: &ModelBatch) -> Result<(Tensor, LayerActs)> {
+        let c = self.cfg;
+        let (b, t) = (batch.batch, batch.seq);
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let p = self.qkv(x, &batch.positions)?;
+        let q = to_heads(self.ctx, &p.q, b, t, nh, d)?;
+        let k = to_heads(self.ctx, &p.k, b, t, nkv, d)?;
+        let v = to_heads(self.ctx, &p.v, b, t, nkv, d)?;
 
         // Grouped attention: the `rep` query heads of a kv head are contiguous.
         let rep = nh / nkv;
@@ -181,48 +266,91 @@ impl Layer<'_> {
             Gemm::default(),
         )?;
         let attn = from_heads(self.ctx, &o3, b, t, nh, d)?;
-        let mut x2 = self.linear("self_attn.o_proj", &attn, h)?;
-        ops::axpby(self.ctx, 1.0, x, 1.0, &mut x2)?;
-
-        let mut h2 = self.z(&[n, h])?;
-        let mut rstd2 = self.f32z(&[n])?;
-        ops::rmsnorm_fwd(
-            self.ctx,
-            &x2,
-            &self.wt("post_attention_layernorm.weight")?,
-            eps,
-            &mut h2,
-            &mut rstd2,
-        )?;
-        let f = c.intermediate_size;
-        let gate = self.linear("mlp.gate_proj", &h2, f)?;
-        let up = self.linear("mlp.up_proj", &h2, f)?;
-        let mut act = self.z(&[n, f])?;
-        ops::swiglu_fwd(self.ctx, &gate, &up, &mut act)?;
-        let mut y = self.linear("mlp.down_proj", &act, h)?;
-        ops::axpby(self.ctx, 1.0, &x2, 1.0, &mut y)?;
+        let (y, m) = self.out_and_mlp(x, &attn)?;
         Ok((
             y,
             LayerActs {
-                h1,
-                rstd1,
-                q_pre,
-                k_pre,
-                rstd_q,
-                rstd_k,
+                h1: p.h1,
+                rstd1: p.rstd1,
+                q_pre: p.q_pre,
+                k_pre: p.k_pre,
+                rstd_q: p.rstd_q,
+                rstd_k: p.rstd_k,
                 q,
                 k,
                 v,
                 probs,
                 attn,
-                x2,
-                h2,
-                rstd2,
-                gate,
-                up,
-                act,
+                x2: m.x2,
+                h2: m.h2,
+                rstd2: m.rstd2,
+                gate: m.gate,
+                up: m.up,
+                act: m.act,
             },
         ))
+    }
+
+    /// Inference forward of `x [tq, H]` (one sequence) at positions
+    /// `start..start+tq`, appending k/v to `cache` and attending over it.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        cache: &mut KvCache,
+        start: usize,
+    ) -> Result<Tensor> {
+        let c = self.cfg;
+        let tq = x.shape()[0];
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let tk = start + tq;
+        if tk > cache.capacity {
+            return Err(crate::Error::Invalid(format!(
+                "the KV cache holds {} positions; {tk} needed",
+                cache.capacity
+            )));
+        }
+        let p = self.qkv(x, positions)?;
+        let q = to_heads(self.ctx, &p.q, 1, tq, nh, d)?;
+        let k = to_heads(self.ctx, &p.k, 1, tq, nkv, d)?;
+        let v = to_heads(self.ctx, &p.v, 1, tq, nkv, d)?;
+        let rep = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = self.z(&[nh, tq, d])?;
+        for g in 0..nkv {
+            let at = (g * cache.capacity + start) * d;
+            cache
+                .k
+                .view(at, &[tq, d])?
+                .copy_from(self.ctx, &k.view(g * tq * d, &[tq, d])?)?;
+            cache
+                .v
+                .view(at, &[tq, d])?
+                .copy_from(self.ctx, &v.view(g * tq * d, &[tq, d])?)?;
+            let kg = cache.k.view(g * cache.capacity * d, &[tk, d])?;
+            let vg = cache.v.view(g * cache.capacity * d, &[tk, d])?;
+            let qg = q.view(g * rep * tq * d, &[rep * tq, d])?;
+            let mut s = self.z(&[rep * tq, tk])?;
+            ops::gemm(self.ctx, &qg, &kg, &mut s, Gemm::nt())?;
+            let mut pr = self.z(&[1, rep, tq, tk])?;
+            ops::softmax_causal_fwd(
+                self.ctx,
+                &s.reshape(&[1, rep, tq, tk])?,
+                None,
+                scale,
+                &mut pr,
+            )?;
+            let mut og = o.view(g * rep * tq * d, &[rep * tq, d])?;
+            ops::gemm(
+                self.ctx,
+                &pr.reshape(&[rep * tq, tk])?,
+                &vg,
+                &mut og,
+                Gemm::default(),
+            )?;
+        }
+        let attn = from_heads(self.ctx, &o, 1, tq, nh, d)?;
+        Ok(self.out_and_mlp(x, &attn)?.0)
     }
 
     fn head_norm(&self, wname: &str, x: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {

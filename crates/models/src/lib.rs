@@ -26,6 +26,7 @@ mod store;
 
 pub use config::{Arch, ModelConfig, SUPPORTED};
 pub use error::{Error, Result};
+pub use layer::KvCache;
 pub use loader::{load_resident, load_units, random_units};
-pub use model::{Grads, Model, ModelBatch};
+pub use model::{sample_token, GenerateOpts, Grads, Model, ModelBatch};
 pub use store::{BlobEntry, BlobLayout, Resident, UnitWeights, WeightStore};

@@ -6,7 +6,7 @@ use std::path::Path;
 use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
 use llmft_tensor::{Ctx, DType, Tensor};
 
-use crate::layer::{Layer, LayerActs};
+use crate::layer::{KvCache, Layer, LayerActs};
 use crate::loader::{load_units, random_units};
 use crate::store::{Resident, WeightStore};
 use crate::{Error, ModelConfig, Result};
@@ -116,6 +116,80 @@ impl Grads {
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.map.keys()
     }
+}
+
+/// Options of [`Model::generate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOpts {
+    /// Tokens to produce at most.
+    pub max_new_tokens: usize,
+    /// 0 = greedy; otherwise logits are divided by it before sampling.
+    pub temperature: f32,
+    /// Nucleus: sample among the most likely tokens whose probabilities sum to this.
+    pub top_p: f32,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Tokens that end generation (included in the output).
+    pub stop: Vec<i32>,
+}
+
+impl Default for GenerateOpts {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Picks the next token from f32 logits: argmax when `temperature` is 0,
+/// else top-p sampling with the `step`-th uniform of stream `seed`.
+pub fn sample_token(logits: &[f32], opts: &GenerateOpts, step: u64) -> i32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                if v > b.1 {
+                    (i, v)
+                } else {
+                    b
+                }
+            })
+            .0 as i32
+    };
+    if opts.temperature <= 0.0 {
+        return argmax();
+    }
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, (((l - mx) / opts.temperature) as f64).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = Vec::new();
+    let mut cum = 0.0;
+    for (i, p) in probs {
+        kept.push((i, p / total));
+        cum += p / total;
+        if cum >= opts.top_p as f64 {
+            break;
+        }
+    }
+    let mass: f64 = kept.iter().map(|p| p.1).sum();
+    let mut u = ops::uniform01(opts.seed, step) as f64 * mass;
+    for (i, p) in &kept {
+        if u < *p {
+            return *i as i32;
+        }
+        u -= p;
+    }
+    kept.last().map(|p| p.0 as i32).unwrap_or_else(argmax)
 }
 
 /// A decoder-only transformer over a weight store.
@@ -267,6 +341,48 @@ impl Model {
         )?;
         ops::gemm(&self.ctx, &h, &w, &mut logits, Gemm::nt())?;
         Ok(logits)
+    }
+
+    /// Continues `prompt` (one sequence) with a KV cache; returns the new tokens.
+    pub fn generate(&self, prompt: &[i32], opts: &GenerateOpts) -> Result<Vec<i32>> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("generate needs a non-empty prompt".into()));
+        }
+        let cap = prompt.len() + opts.max_new_tokens;
+        let mut caches = (0..self.config.num_layers)
+            .map(|_| KvCache::new(&self.ctx, self.dtype, &self.config, cap))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::new();
+        let (mut tokens, mut start) = (prompt.to_vec(), 0usize);
+        for step in 0..opts.max_new_tokens {
+            let n = tokens.len();
+            let ids = Tensor::from_slice(&self.ctx, &tokens, &[n])?;
+            let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
+            let pos = Tensor::from_slice(&self.ctx, &pos, &[n])?;
+            let table = self.store.fetch(0)?.get("model.embed_tokens.weight")?;
+            let mut x = Tensor::zeros(&self.ctx, self.dtype, &[n, self.config.hidden_size])?;
+            ops::embedding_fwd(&self.ctx, &ids, &table, &mut x)?;
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let w = self.store.fetch(i + 1)?;
+                x = self.layer(&w, i).forward_cached(&x, &pos, cache, start)?;
+            }
+            let last = x.view(
+                (n - 1) * self.config.hidden_size,
+                &[1, self.config.hidden_size],
+            )?;
+            let (h, _) = self.final_norm(&last)?;
+            let (w, _) = self.head_weight()?;
+            let mut logits = Tensor::zeros(&self.ctx, DType::F32, &[1, self.config.vocab_size])?;
+            ops::gemm(&self.ctx, &h, &w, &mut logits, Gemm::nt())?;
+            let next = sample_token(&logits.to_vec::<f32>()?, opts, step as u64);
+            out.push(next);
+            if opts.stop.contains(&next) {
+                break;
+            }
+            start += n;
+            tokens = vec![next];
+        }
+        Ok(out)
     }
 
     /// Decoder layer `i` forward on hidden states `x [B·T, H]`.

@@ -1,0 +1,211 @@
+//! Examples to token ids and labels.
+
+use crate::config::DataConfig;
+use crate::error::{Error, Location, Result};
+use crate::format::Example;
+use crate::template::{ChatTemplate, RenderedChat};
+use crate::tokenizer::ModelTokenizer;
+
+/// Label of a token that is not trained (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// One tokenized example. `labels` are aligned with `input_ids` (the
+/// Hugging Face convention): `labels[t]` is `input_ids[t]` when token `t` is
+/// trained and [`IGNORE_INDEX`] otherwise; the loss predicts `labels[t + 1]`
+/// from position `t` (see [`crate::Batch::targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedExample {
+    /// Token ids.
+    pub input_ids: Vec<u32>,
+    /// Labels, aligned with `input_ids`.
+    pub labels: Vec<i32>,
+    /// Whether `cutoff_len` cut this example.
+    pub truncated: bool,
+}
+
+impl EncodedExample {
+    /// Number of trained tokens.
+    pub fn trained_tokens(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// Rendered chat text, tokenized and masked, before truncation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedChat {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Whether each token lies in an assistant span.
+    pub trained: Vec<bool>,
+    /// Per assistant span, the index of the first token after it.
+    pub turn_ends: Vec<usize>,
+}
+
+/// Turns [`Example`]s into [`EncodedExample`]s: template, tokenize, mask,
+/// truncate.
+///
+/// Chat examples are rendered by the template and tokenized as one string
+/// without the tokenizer's post-processor (the template writes bos/eos
+/// itself, as transformers' `apply_chat_template` does); a doubled leading
+/// bos is collapsed to one. A token is trained when its first byte lies in
+/// an assistant span (all assistant turns of a multi-turn conversation), or
+/// always with `train_on_prompt`.
+///
+/// Truncation to `cutoff_len` tokens:
+/// 1. keep the longest prefix that ends at the end of an assistant turn and
+///    fits — whole turns are dropped from the end;
+/// 2. if not even the first turn fits, cut hard at `cutoff_len` tokens
+///    (the prompt and the start of the first answer);
+/// 3. if that leaves no trained token (the prompt alone is too long), the
+///    example is dropped (counted in [`crate::LoadReport::dropped`]).
+///
+/// Text examples are tokenized with the post-processor (bos as the
+/// tokenizer adds it), followed by eos; every token is trained; a text
+/// longer than `cutoff_len` is split into consecutive chunks of
+/// `cutoff_len` tokens rather than truncated.
+#[derive(Debug)]
+pub struct Encoder {
+    tokenizer: ModelTokenizer,
+    template: ChatTemplate,
+    cutoff_len: usize,
+    train_on_prompt: bool,
+}
+
+impl Encoder {
+    /// An encoder with the template and limits of `config`.
+    pub fn new(config: &DataConfig, tokenizer: ModelTokenizer) -> Result<Self> {
+        if config.cutoff_len < 2 {
+            return Err(Error::config("cutoff_len", "must be at least 2"));
+        }
+        let template = ChatTemplate::from_config(&config.template, &tokenizer)?;
+        Ok(Encoder {
+            tokenizer,
+            template,
+            cutoff_len: config.cutoff_len,
+            train_on_prompt: config.train_on_prompt,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ModelTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Render a chat example's text without tokenizing it.
+    pub fn render(&self, example: &Example, at: &Location) -> Result<RenderedChat> {
+        match example {
+            Example::Chat(conv) => {
+                self.template
+                    .render(conv)
+                    .map_err(|message| Error::TemplateRender {
+                        at: at.clone(),
+                        field: conv.field.clone(),
+                        message,
+                    })
+            }
+            Example::Text(t) => Ok(RenderedChat {
+                text: t.clone(),
+                spans: std::iter::once(0..t.len()).collect(),
+            }),
+        }
+    }
+
+    /// Encode one example; empty when it had to be dropped (see the
+    /// truncation rule), several chunks for long text.
+    pub fn encode(&self, example: &Example, at: &Location) -> Result<Vec<EncodedExample>> {
+        match example {
+            Example::Chat(_) => {
+                let rendered = self.render(example, at)?;
+                Ok(self.encode_chat(&rendered)?.into_iter().collect())
+            }
+            Example::Text(text) => self.encode_text(text),
+        }
+    }
+
+    /// Tokenize rendered chat text and mask it by its spans (the untruncated
+    /// result is also what the fixture tests compare with transformers).
+    pub fn tokenize_chat(&self, rendered: &RenderedChat) -> Result<TokenizedChat> {
+        let (mut ids, mut offsets) = self.tokenizer.encode(&rendered.text, false)?;
+        if let Some(bos) = self.tokenizer.bos_id() {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+                offsets.remove(0);
+            }
+        }
+        // Spans are sorted and disjoint; walk them alongside the tokens.
+        let mut trained = Vec::with_capacity(ids.len());
+        let mut turn_ends = Vec::with_capacity(rendered.spans.len());
+        let mut s = 0;
+        for (t, &(start, _)) in offsets.iter().enumerate() {
+            while s < rendered.spans.len() && start >= rendered.spans[s].end {
+                turn_ends.push(t);
+                s += 1;
+            }
+            trained.push(s < rendered.spans.len() && start >= rendered.spans[s].start);
+        }
+        turn_ends.extend(std::iter::repeat_n(ids.len(), rendered.spans.len() - s));
+        Ok(TokenizedChat {
+            ids,
+            trained,
+            turn_ends,
+        })
+    }
+
+    fn encode_chat(&self, rendered: &RenderedChat) -> Result<Option<EncodedExample>> {
+        let TokenizedChat {
+            mut ids,
+            mut trained,
+            turn_ends,
+        } = self.tokenize_chat(rendered)?;
+        let truncated = ids.len() > self.cutoff_len;
+        if truncated {
+            let keep = turn_ends
+                .iter()
+                .rev()
+                .copied()
+                .find(|&e| e > 0 && e <= self.cutoff_len)
+                .unwrap_or(self.cutoff_len);
+            ids.truncate(keep);
+            trained.truncate(keep);
+        }
+        if self.train_on_prompt {
+            trained.iter_mut().for_each(|t| *t = true);
+        }
+        if !trained.iter().any(|&t| t) {
+            return Ok(None);
+        }
+        let labels = ids
+            .iter()
+            .zip(&trained)
+            .map(|(&id, &t)| if t { id as i32 } else { IGNORE_INDEX })
+            .collect();
+        Ok(Some(EncodedExample {
+            input_ids: ids,
+            labels,
+            truncated,
+        }))
+    }
+
+    fn encode_text(&self, text: &str) -> Result<Vec<EncodedExample>> {
+        let (mut ids, _) = self.tokenizer.encode(text, true)?;
+        if let Some(eos) = self.tokenizer.eos_id() {
+            if ids.last() != Some(&eos) {
+                ids.push(eos);
+            }
+        }
+        Ok(ids
+            .chunks(self.cutoff_len)
+            .filter(|c| !c.is_empty())
+            .map(|c| EncodedExample {
+                input_ids: c.to_vec(),
+                labels: c.iter().map(|&id| id as i32).collect(),
+                truncated: false,
+            })
+            .collect())
+    }
+}
