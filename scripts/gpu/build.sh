@@ -32,11 +32,12 @@ for line in sys.stdin:
 collect test test --release "${pkgs[@]}" || { cat "$stage/cargo-test.log"; exit 1; }
 collect bench bench "${pkgs[@]}" || { cat "$stage/cargo-bench.log"; exit 1; }
 rm -f "$stage"/cargo-*.log
-cargo build --release -p llmft --bin llmft
+cargo build --release -p llmft --bin llmft -p llmft-models --example load_rss
+mkdir -p "$stage/extra" && cp target/release/examples/load_rss "$stage/extra/"
 cp target/release/llmft "$stage/"
 # Tests find fixtures through paths compiled in (CARGO_MANIFEST_DIR).
 pwd > "$stage/build_root"
-strip "$stage"/test/* "$stage"/bench/* "$stage/llmft" 2>/dev/null || true
+strip "$stage"/test/* "$stage"/bench/* "$stage"/extra/* "$stage/llmft" 2>/dev/null || true
 ls "$stage/test" "$stage/bench"
 tar -C "$stage" -cf - . | xz -T2 -6 > .gpu/bundle.tar.xz
 rm -rf "$stage"

@@ -53,4 +53,10 @@ if [ "$what" != tests ]; then
     esac 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:|^\{' || true
   done
 fi
+if [ "$what" != tests ] && [ -x "$bin/extra/load_rss" ]; then
+  # Peak host memory while loading a sharded 8-layer Llama-3-8B-shaped checkpoint.
+  ck=/tmp/llmft-rss-ckpt
+  "$bin/extra/load_rss" write "$ck" llama3-8b 8 2048 >/dev/null && "$bin/extra/load_rss" load "$ck" | tee "$OUT/load_rss.json"
+  rm -rf "$ck"
+fi
 cat "$table"

@@ -22,6 +22,7 @@ mod error;
 mod layer;
 mod loader;
 mod model;
+mod resolve;
 mod store;
 
 pub use config::{Arch, ModelConfig, SUPPORTED};
@@ -29,4 +30,5 @@ pub use error::{Error, Result};
 pub use layer::KvCache;
 pub use loader::{load_resident, load_units, random_units};
 pub use model::{sample_token, GenerateOpts, Grads, Model, ModelBatch};
+pub use resolve::{resolve_model, resolve_model_in};
 pub use store::{BlobEntry, BlobLayout, Resident, UnitWeights, WeightStore};

@@ -117,14 +117,8 @@ impl Shard {
     }
 }
 
-fn host_tensor(
-    path: &Path,
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-) -> Result<Tensor> {
-    let cpu = Ctx::cpu();
-    let shape = view.shape().to_vec();
-    let dtype = match view.dtype() {
+fn file_dtype(path: &Path, name: &str, dt: StDtype) -> Result<DType> {
+    Ok(match dt {
         StDtype::F32 => DType::F32,
         StDtype::BF16 => DType::BF16,
         StDtype::F16 => DType::F16,
@@ -135,16 +129,48 @@ fn host_tensor(
                 dtype: format!("{other:?}"),
             })
         }
-    };
-    let mut t = Tensor::zeros(&cpu, dtype, &shape)?;
-    t.as_bytes_mut()?.copy_from_slice(view.data());
-    Ok(t)
+    })
+}
+
+/// Elements converted and copied per step, bounding host staging memory.
+const CHUNK_ELEMS: usize = 8 << 20;
+
+/// Streams one tensor from the mapped file into `dst`, converting dtype in
+/// chunks and dropping file pages as it goes.
+fn stream_tensor(
+    ctx: &Ctx,
+    shard: &Shard,
+    src_dtype: DType,
+    data: &[u8],
+    dst: &mut Tensor,
+) -> Result<()> {
+    let n = dst.numel();
+    let es = src_dtype.size();
+    let cpu = Ctx::cpu();
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK_ELEMS.min(n - start);
+        let bytes = &data[start * es..(start + len) * es];
+        let mut part = dst.view(start, &[len])?;
+        if src_dtype == dst.dtype() {
+            part.copy_from_host_bytes(ctx, bytes)?;
+        } else {
+            let mut raw = Tensor::zeros(&cpu, src_dtype, &[len])?;
+            raw.as_bytes_mut()?.copy_from_slice(bytes);
+            let mut conv = Tensor::zeros(&cpu, dst.dtype(), &[len])?;
+            ops::cast(&cpu, &raw, &mut conv)?;
+            part.copy_from_host_bytes(ctx, conv.as_bytes()?)?;
+        }
+        shard.forget_pages();
+        start += len;
+    }
+    Ok(())
 }
 
 /// Loads the frozen weights of every unit from a Hugging Face folder onto
-/// `ctx`, converting to `dtype`. Only one tensor is staged in host memory at
-/// a time and file pages are released after each tensor, so peak host memory
-/// is about the largest tensor, not the model.
+/// `ctx`, converting to `dtype`. Tensors stream from the mapped files in
+/// chunks of 8M elements and file pages are released after each chunk, so
+/// host memory stays far below one tensor, let alone the model.
 pub fn load_units(
     dir: &Path,
     config: &ModelConfig,
@@ -184,17 +210,9 @@ pub fn load_units(
                     expected: shape.clone(),
                 });
             }
-            let host = host_tensor(&shard.path, name, &view)?;
+            let src_dtype = file_dtype(&shard.path, name, view.dtype())?;
             let mut dst = uw.get(name)?;
-            if host.dtype() == dtype {
-                dst.copy_from(ctx, &host)?;
-            } else {
-                let mut conv = Tensor::zeros(&Ctx::cpu(), dtype, shape)?;
-                ops::cast(&Ctx::cpu(), &host, &mut conv)?;
-                dst.copy_from(ctx, &conv)?;
-            }
-            ctx.synchronize()?;
-            shard.forget_pages();
+            stream_tensor(ctx, shard, src_dtype, view.data(), &mut dst)?;
         }
         units.push(uw);
     }

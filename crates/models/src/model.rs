@@ -231,6 +231,12 @@ impl Model {
         })
     }
 
+    /// Loads a model folder or a Hugging Face model id (see
+    /// [`crate::resolve_model`]) resident on `ctx`.
+    pub fn from_pretrained(reference: &str, ctx: &Ctx, dtype: DType) -> Result<Self> {
+        Self::from_dir(&crate::resolve_model(reference)?, ctx, dtype)
+    }
+
     /// Loads a Hugging Face folder (config.json + safetensors) resident on `ctx`.
     pub fn from_dir(dir: &Path, ctx: &Ctx, dtype: DType) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;

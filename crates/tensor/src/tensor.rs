@@ -392,6 +392,47 @@ impl Tensor {
         })
     }
 
+    /// Copies raw little-endian element bytes from host memory into `self`
+    /// (exactly `self.bytes()` of them), waiting until the source may be
+    /// reused. Used to stream checkpoint data without an extra host tensor.
+    pub fn copy_from_host_bytes(&mut self, ctx: &Ctx, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.bytes() {
+            return Err(Error::Shape {
+                op: "copy_from_host_bytes",
+                what: "bytes",
+                got: vec![bytes.len()],
+                expected: vec![self.bytes()],
+            });
+        }
+        match self.device() {
+            Device::Cpu => {
+                self.as_bytes_mut()?.copy_from_slice(bytes);
+                Ok(())
+            }
+            dev => {
+                let cu = ctx
+                    .cuda_ctx()
+                    .filter(|c| c.device() == dev)
+                    .ok_or(Error::Device {
+                        op: "copy_from_host_bytes",
+                        what: "context",
+                        got: ctx.device(),
+                        expected: dev,
+                    })?;
+                cu.bind()?;
+                // SAFETY: the destination holds bytes.len() bytes; the stream
+                // is synchronized before `bytes` can be released.
+                unsafe {
+                    dr::memcpy_htod_async(self.device_ptr()?, bytes, cu.compute().cu_stream())
+                }
+                .map_err(|e| Error::cuda("cuMemcpyHtoDAsync", e))?;
+                cu.compute()
+                    .synchronize()
+                    .map_err(|e| Error::cuda("cuStreamSynchronize", e))
+            }
+        }
+    }
+
     /// Copies `src` (same dtype and element count, any device) into `self`.
     /// Host<->device copies go on `ctx`'s compute stream; pinned host memory
     /// makes them asynchronous.
