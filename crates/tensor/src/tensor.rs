@@ -23,16 +23,20 @@ unsafe impl Send for HostBuf {}
 unsafe impl Sync for HostBuf {}
 
 impl HostBuf {
-    fn zeroed(bytes: usize) -> Self {
-        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN).expect("size overflow");
+    fn zeroed(bytes: usize) -> Result<Self> {
+        let too_big = || Error::Invalid {
+            op: "alloc",
+            msg: format!("could not allocate {bytes} bytes of host memory"),
+        };
+        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN).map_err(|_| too_big())?;
         // SAFETY: layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self {
+        let ptr = NonNull::new(p).ok_or_else(too_big)?;
+        Ok(Self {
             ptr,
             bytes,
             pinned: None,
-        }
+        })
     }
 }
 
@@ -83,17 +87,32 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-/// Number of elements of a shape.
+/// Number of elements of a shape (saturating: an overflowing shape counts
+/// as `usize::MAX` elements, which no allocation or view accepts).
 pub fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .unwrap_or(usize::MAX)
+}
+
+/// Bytes of `shape` elements of `dtype`, or an error when that overflows.
+fn byte_size(op: &'static str, shape: &[usize], dtype: DType) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::Invalid {
+            op,
+            msg: format!("{shape:?} elements of {dtype} overflow the address space"),
+        })
 }
 
 impl Tensor {
     /// A zero-filled tensor on `ctx`'s device.
     pub fn zeros(ctx: &Ctx, dtype: DType, shape: &[usize]) -> Result<Self> {
-        let bytes = numel(shape) * dtype.size();
+        let bytes = byte_size("zeros", shape, dtype)?;
         let storage = match ctx.cuda_ctx() {
-            None => Storage::Host(HostBuf::zeroed(bytes)),
+            None => Storage::Host(HostBuf::zeroed(bytes)?),
             Some(cu) => {
                 let block = cu.allocator().alloc(bytes)?;
                 cu.bind()?;
@@ -114,13 +133,32 @@ impl Tensor {
         })
     }
 
+    /// A tensor whose contents are unspecified until written, for outputs an
+    /// op overwrites completely (skips the memset on CUDA; host memory is
+    /// zeroed anyway).
+    pub fn empty(ctx: &Ctx, dtype: DType, shape: &[usize]) -> Result<Self> {
+        let Some(cu) = ctx.cuda_ctx() else {
+            return Self::zeros(ctx, dtype, shape);
+        };
+        let block = cu.allocator().alloc(byte_size("empty", shape, dtype)?)?;
+        Ok(Self {
+            storage: Arc::new(Storage::Cuda {
+                block,
+                ctx: ctx.clone(),
+            }),
+            offset: 0,
+            dtype,
+            shape: shape.to_vec(),
+        })
+    }
+
     /// A zero-filled tensor in page-locked host memory of `ctx`'s GPU (fast,
     /// asynchronous copies). On a CPU context this is ordinary host memory.
     pub fn zeros_pinned(ctx: &Ctx, dtype: DType, shape: &[usize]) -> Result<Self> {
         let Some(cu) = ctx.cuda_ctx() else {
             return Self::zeros(ctx, dtype, shape);
         };
-        let bytes = numel(shape) * dtype.size();
+        let bytes = byte_size("zeros_pinned", shape, dtype)?;
         cu.bind()?;
         // SAFETY: context is current; memory freed in HostBuf::drop.
         let p = unsafe { dr::malloc_host(bytes.max(1), 0) }.map_err(|e| match e.0 {
@@ -228,17 +266,27 @@ impl Tensor {
 
     /// A view of `numel(shape)` elements starting `offset` elements in.
     pub fn view(&self, offset: usize, shape: &[usize]) -> Result<Self> {
-        let start = self.offset + offset * self.dtype.size();
-        let end = start + numel(shape) * self.dtype.size();
-        if offset + numel(shape) > self.numel() || end > self.storage_bytes() {
-            return Err(Error::Invalid {
-                op: "view",
-                msg: format!(
-                    "elements {offset}..{} of a tensor of shape {:?}",
-                    offset + numel(shape),
-                    self.shape
-                ),
-            });
+        let es = self.dtype.size();
+        let n = numel(shape);
+        let bad = || Error::Invalid {
+            op: "view",
+            msg: format!(
+                "elements {offset}..{} of a tensor of shape {:?}",
+                offset.saturating_add(n),
+                self.shape
+            ),
+        };
+        let last = offset.checked_add(n).ok_or_else(bad)?;
+        let start = offset
+            .checked_mul(es)
+            .and_then(|o| o.checked_add(self.offset))
+            .ok_or_else(bad)?;
+        let end = n
+            .checked_mul(es)
+            .and_then(|b| b.checked_add(start))
+            .ok_or_else(bad)?;
+        if last > self.numel() || end > self.storage_bytes() {
+            return Err(bad());
         }
         Ok(Self {
             storage: self.storage.clone(),

@@ -26,6 +26,18 @@ pub(crate) struct LtProblem {
     pub stride_c: i64,
     pub in_dtype: DType,
     pub out_dtype: DType,
+    /// Byte alignment of the A, B and C pointers (≤ 256): cuBLASLt assumes
+    /// 256 unless told, and views at odd offsets are less aligned.
+    pub align: [u32; 3],
+}
+
+/// The largest power of two (at most 256) that divides the address.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
 }
 
 pub(crate) struct Blas {
@@ -210,6 +222,23 @@ impl Blas {
                 ),
             )
             .and_then(|_| {
+                use lt::cublasLtMatmulPreferenceAttributes_t as P;
+                for (attr, v) in [
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, p.align[0]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, p.align[1]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, p.align[2]),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, p.align[2]),
+                ] {
+                    ck(
+                        "cublasLtMatmulPreferenceSetAttribute",
+                        lt::cublasLtMatmulPreferenceSetAttribute(
+                            pref,
+                            attr,
+                            &v as *const u32 as *const c_void,
+                            4,
+                        ),
+                    )?;
+                }
                 ck(
                     "cublasLtMatmulAlgoGetHeuristic",
                     lt::cublasLtMatmulAlgoGetHeuristic(
@@ -253,6 +282,10 @@ impl Blas {
         beta: f32,
     ) -> Result<()> {
         cu.bind()?;
+        let p = &LtProblem {
+            align: [alignment(a), alignment(b), alignment(c)],
+            ..*p
+        };
         let l = self.layouts(p)?;
         let algo = self.algo(p, &l)?;
         // SAFETY: pointers are live device allocations sized for the problem

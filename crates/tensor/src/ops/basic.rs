@@ -47,6 +47,12 @@ pub fn fill(ctx: &Ctx, y: &mut Tensor, value: f32) -> Result<()> {
         y,
         &[DType::F32, DType::BF16, DType::F16, DType::I32],
     )?;
+    if y.dtype() == DType::I32 && value.fract() != 0.0 {
+        return Err(Error::Invalid {
+            op: "fill",
+            msg: format!("{value} is not an integer"),
+        });
+    }
     let n = y.numel() as i64;
     let Some(cu) = ctx.cuda_ctx() else {
         if y.dtype() == DType::I32 {
@@ -58,12 +64,6 @@ pub fn fill(ctx: &Ctx, y: &mut Tensor, value: f32) -> Result<()> {
     let yp = y.device_ptr()?;
     let c = cfg(blocks_for(n as usize, 8), THREADS, 0);
     if y.dtype() == DType::I32 {
-        if value.fract() != 0.0 {
-            return Err(Error::Invalid {
-                op: "fill",
-                msg: format!("{value} is not an integer"),
-            });
-        }
         return launch!(cu, "elementwise", "fill_i32", c, yp, n, value as i32);
     }
     launch!(

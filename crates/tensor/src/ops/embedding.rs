@@ -62,6 +62,9 @@ pub fn embedding_fwd(ctx: &Ctx, ids: &Tensor, table: &Tensor, y: &mut Tensor) ->
     }
     let ix = ids.as_slice::<i32>()?;
     check_ids(OP, ix, v)?;
+    if d == 0 {
+        return Ok(());
+    }
     let t = read_f32(table)?;
     write_f32(y, |o| {
         for (row, &id) in o.chunks_mut(d).zip(ix) {
@@ -97,6 +100,9 @@ pub fn embedding_bwd(ctx: &Ctx, ids: &Tensor, dy: &Tensor, dtable: &mut Tensor) 
     }
     let ix = ids.as_slice::<i32>()?;
     check_ids(OP, ix, v)?;
+    if d == 0 {
+        return Ok(());
+    }
     let g = read_f32(dy)?;
     let t = dtable.as_mut_slice::<f32>()?;
     for (row, &id) in g.chunks(d).zip(ix) {

@@ -154,6 +154,7 @@ pub fn gemm(ctx: &Ctx, a: &Tensor, b: &Tensor, c: &mut Tensor, g: Gemm) -> Resul
                 stride_c: (d.m * d.n) as i64,
                 in_dtype: a.dtype(),
                 out_dtype: c.dtype(),
+                align: [256; 3],
             };
             let (ap, bp, cp) = (a.device_ptr()?, b.device_ptr()?, c.device_ptr()?);
             let (ea, ec) = (a.dtype().size() as u64, c.dtype().size() as u64);

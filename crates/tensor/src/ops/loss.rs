@@ -109,12 +109,12 @@ pub fn lm_head_cross_entropy(
         (opts.max_chunk_bytes / (4 * v.max(1))).max(1)
     }
     .min(n.max(1));
-    let logits = Tensor::zeros(ctx, DType::F32, &[chunk, v])?;
+    let logits = Tensor::empty(ctx, DType::F32, &[chunk, v])?;
     let mut dlog_sep = match (&grads, w.dtype()) {
-        (Some(_), dt) if dt != DType::F32 => Some(Tensor::zeros(ctx, dt, &[chunk, v])?),
+        (Some(_), dt) if dt != DType::F32 => Some(Tensor::empty(ctx, dt, &[chunk, v])?),
         _ => None,
     };
-    let loss_rows = Tensor::zeros(ctx, DType::F32, &[n])?;
+    let loss_rows = Tensor::empty(ctx, DType::F32, &[n])?;
     let mut r0 = 0;
     while r0 < n {
         let rows = chunk.min(n - r0);

@@ -43,6 +43,9 @@ pub fn rmsnorm_fwd(
     shape_is("rmsnorm_fwd", "y", y, x.shape())?;
     let (n, d) = rows("rmsnorm_fwd", x, w)?;
     shape_is("rmsnorm_fwd", "rstd", rstd, &[n])?;
+    if n == 0 {
+        return Ok(());
+    }
     if let Some(cu) = ctx.cuda_ctx() {
         let (xp, wp, yp, rp) = (
             x.device_ptr()?,
@@ -110,6 +113,9 @@ pub fn rmsnorm_bwd(
         on_ctx(ctx, "rmsnorm_bwd", &[("dw", dw)])?;
         dtype_is("rmsnorm_bwd", "dw", dw, DType::F32)?;
         shape_is("rmsnorm_bwd", "dw", dw, &[d])?;
+    }
+    if n == 0 {
+        return Ok(());
     }
     if let Some(cu) = ctx.cuda_ctx() {
         let dwp = match &dw {

@@ -39,6 +39,10 @@ pub fn softmax_causal_fwd(
         dtype_is(OP, "segments", seg, DType::I32)?;
         shape_is(OP, "segments", seg, &[b, tk])?;
     }
+    // No rows (the kernel's grid would still run one block) or no keys.
+    if scores.numel() == 0 {
+        return Ok(());
+    }
     if let Some(cu) = ctx.cuda_ctx() {
         let segp = match segments {
             Some(t) => t.device_ptr()?,
@@ -108,7 +112,10 @@ pub fn softmax_causal_bwd(
             ),
         });
     }
-    let rows = probs.numel() / tk.max(1);
+    if probs.numel() == 0 {
+        return Ok(());
+    }
+    let rows = probs.numel() / tk;
     if let Some(cu) = ctx.cuda_ctx() {
         let (pp, dpp, dsp) = (
             probs.device_ptr()?,
