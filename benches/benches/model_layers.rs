@@ -3,12 +3,13 @@
 //! backward recomputes the layer's forward). Prints one JSON line per run.
 //!
 //! ```sh
-//! cargo bench -p llmft-benches --bench model_layers -- [preset] [layers] [seq] [batch]
+//! cargo bench -p llmft-benches --bench model_layers -- [preset] [layers] [seq] [batch] [base]
 //! ```
-//! Defaults: llama3-8b, 4 layers, seq 2048, batch 1. Needs a GPU (skips otherwise).
+//! Defaults: llama3-8b, 4 layers, seq 2048, batch 1, base nf4 (also: bf16,
+//! nf4-dq, int8, hqq4). Needs a GPU (skips otherwise).
 use std::time::Instant;
 
-use llmft_models::{Model, ModelBatch, ModelConfig};
+use llmft_models::{Model, ModelBatch, ModelConfig, QuantConfig};
 use llmft_tensor::{Ctx, DType, Tensor};
 
 fn main() {
@@ -20,6 +21,15 @@ fn main() {
     let layers: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4);
     let seq: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2048);
     let bsz: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let base = args.get(4).map(String::as_str).unwrap_or("nf4");
+    let quant = match base {
+        "bf16" => None,
+        "nf4" => Some(QuantConfig::nf4()),
+        "nf4-dq" => Some(QuantConfig::nf4_double_quant()),
+        "int8" => Some(QuantConfig::int8()),
+        "hqq4" => Some(QuantConfig::hqq(4)),
+        other => panic!("unknown base `{other}` (bf16, nf4, nf4-dq, int8, hqq4)"),
+    };
     let ctx = match Ctx::cuda(0) {
         Ok(c) => c,
         Err(e) => {
@@ -29,7 +39,11 @@ fn main() {
     };
     let mut cfg = ModelConfig::preset(preset).expect("preset");
     cfg.num_layers = layers;
-    let mut model = Model::random(cfg.clone(), &ctx, DType::BF16, 0).expect("model");
+    let t_init = Instant::now();
+    let mut model =
+        Model::random_quantized(cfg.clone(), &ctx, DType::BF16, 0, quant.as_ref()).expect("model");
+    ctx.synchronize().unwrap();
+    let init_s = t_init.elapsed().as_secs_f64();
     model.checkpointing = true;
     let n = seq * bsz;
     let ids: Vec<i32> = (0..n)
@@ -60,7 +74,7 @@ fn main() {
     });
     ctx.synchronize().unwrap();
     alloc.reset_peak();
-    let base = alloc.stats().in_use;
+    let weights_bytes = alloc.stats().in_use;
     let t0 = Instant::now();
     let loss = model.forward_backward(&batch, None, None).unwrap();
     ctx.synchronize().unwrap();
@@ -68,11 +82,11 @@ fn main() {
     let st = alloc.stats();
     let json = serde_json::json!({
         "preset": preset, "layers": layers, "seq": seq, "batch": bsz, "dtype": "bf16",
-        "base": "dense bf16", "checkpointing": true,
+        "base": base, "checkpointing": true, "init_and_quantize_s": init_s,
         "layer_forward_ms": fwd_ms, "layer_backward_ms_with_recompute": bwd_ms,
         "step_ms": step_ms, "loss": loss.loss,
         "peak_gib": st.peak_in_use as f64 / (1u64 << 30) as f64,
-        "weights_gib": base as f64 / (1u64 << 30) as f64,
+        "weights_gib": weights_bytes as f64 / (1u64 << 30) as f64,
         "device": ctx.cuda_ctx().unwrap().name(),
     });
     println!("{json}");

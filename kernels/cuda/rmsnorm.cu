@@ -2,6 +2,9 @@
 // Rows of up to RMS_MAXC * 8 * blockDim elements (16-byte aligned, D % 8 == 0)
 // are held in registers, so each input is read from memory once.
 #define RMS_MAXC 4
+// The backward holds two inputs per element: fewer chunks per thread keep
+// registers low and more rows in flight per SM.
+#define RMS_BWD_MAXC 2
 
 template <typename E>
 __device__ void rmsnorm_fwd_body(const typename E::T* x, const typename E::T* w,
@@ -83,14 +86,7 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
     __shared__ float sh[32];
     if (dw)
         for (int i = threadIdx.x; i < D; i += blockDim.x) dw_sh[i] = 0.f;
-    // The register path's columns are fixed per thread, so its weight
-    // gradient stays in registers until the end.
-    float dwr[RMS_MAXC][8];
-#pragma unroll
-    for (int k = 0; k < RMS_MAXC; ++k)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) dwr[k][j] = 0.f;
-    bool used_regs = false;
+
     for (long long row = blockIdx.x; row < N; row += gridDim.x) {
         const typename E::T* dyr = dy + row * D;
         const typename E::T* xr = x + row * D;
@@ -98,11 +94,11 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
         float r = rstd[row];
         bool vec = (D % 8 == 0) && aligned16(dyr) && aligned16(xr) && aligned16(w) && aligned16(dxr);
         int nc = D / 8;
-        if (vec && nc <= RMS_MAXC * (int)blockDim.x) {
-            float a[RMS_MAXC][8], b[RMS_MAXC][8];
+        if (vec && nc <= RMS_BWD_MAXC * (int)blockDim.x) {
+            float a[RMS_BWD_MAXC][8], b[RMS_BWD_MAXC][8];
             float acc = 0.f;
 #pragma unroll
-            for (int k = 0; k < RMS_MAXC; ++k) {
+            for (int k = 0; k < RMS_BWD_MAXC; ++k) {
                 int c = threadIdx.x + k * blockDim.x;
                 if (c < nc) {
                     float g[8];
@@ -116,7 +112,7 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
             acc = block_sum(acc, sh);
             float k3 = r * r * r * acc / (float)D;
 #pragma unroll
-            for (int k = 0; k < RMS_MAXC; ++k) {
+            for (int k = 0; k < RMS_BWD_MAXC; ++k) {
                 int c = threadIdx.x + k * blockDim.x;
                 if (c < nc) {
                     float g[8], o[8];
@@ -124,12 +120,11 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         o[j] = r * a[k][j] * g[j] - b[k][j] * k3;
-                        dwr[k][j] += a[k][j] * b[k][j] * r;
+                        if (dw) dw_sh[c * 8 + j] += a[k][j] * b[k][j] * r;
                     }
                     store8<E>(dxr, c * 8, o);
                 }
             }
-            used_regs = true;
             continue;
         }
         float dot = 0.f;
@@ -170,15 +165,6 @@ __device__ void rmsnorm_bwd_body(const typename E::T* dy, const typename E::T* x
         }
     }
     if (dw) {
-        if (used_regs) {
-#pragma unroll
-            for (int k = 0; k < RMS_MAXC; ++k) {
-                int c = threadIdx.x + k * blockDim.x;
-                if (c < D / 8)
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) dw_sh[c * 8 + j] += dwr[k][j];
-            }
-        }
         __syncthreads();
         for (int i = threadIdx.x; i < D; i += blockDim.x) atomicAdd(dw + i, dw_sh[i]);
     }

@@ -47,7 +47,7 @@ if [ "$what" != tests ]; then
     case "$b" in
       *__ops) LLMFT_BENCH_SKIP_CPU=1 "$b" --bench "$filter" ;;
       *__model_layers)
-        IFS=';' read -ra runs <<< "${MODEL_BENCH_ARGS:-llama3-8b 4 2048 1;llama3-8b 4 2048 2;llama3-8b 4 4096 1}"
+        IFS=';' read -ra runs <<< "${MODEL_BENCH_ARGS:-llama3-8b 4 2048 2 nf4;llama3-8b 4 4096 1 nf4;llama3-8b 4 2048 2 bf16;llama3-8b 4 2048 2 hqq4}"
         for a in "${runs[@]}"; do "$b" --bench $a; done ;;
       *) "$b" --bench ;;
     esac 2>&1 | tee -a "$OUT/bench.log" | grep -E '^(cuda|[a-z_]+/)|time:|thrpt:|^\{' || true

@@ -7,6 +7,9 @@ pub enum Error {
     /// The tensor layer failed.
     #[error(transparent)]
     Tensor(#[from] llmft_tensor::Error),
+    /// Quantization failed.
+    #[error(transparent)]
+    Quant(#[from] llmft_quant::Error),
     /// A file could not be read.
     #[error("{path}: {source}")]
     Io {

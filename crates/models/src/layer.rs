@@ -85,21 +85,36 @@ pub(crate) struct Layer<'a> {
 }
 
 impl Layer<'_> {
+    /// A buffer the next op overwrites completely (no memset on CUDA).
     fn z(&self, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::zeros(self.ctx, self.dt, shape)?)
+        Ok(Tensor::empty(self.ctx, self.dt, shape)?)
     }
     fn f32z(&self, shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::zeros(self.ctx, DType::F32, shape)?)
+        Ok(Tensor::empty(self.ctx, DType::F32, shape)?)
     }
     fn wt(&self, name: &str) -> Result<Tensor> {
         self.w.get(&format!("{}{name}", self.prefix))
+    }
+
+    /// The dense weight `[out, in]` of linear `name`: a view of the blob, or
+    /// the quantized weight dequantized into a fresh (allocator-cached) buffer.
+    fn base_weight(&self, name: &str) -> Result<Tensor> {
+        let full = format!("{}{name}.weight", self.prefix);
+        match self.w.quantized(&full) {
+            Some(q) => {
+                let mut t = self.z(&q.shape)?;
+                q.dequantize(self.ctx, &mut t)?;
+                Ok(t)
+            }
+            None => self.w.get(&full),
+        }
     }
 
     /// y = x·Wᵀ (+ b): x [N, in] -> y [N, out].
     fn linear(&self, name: &str, x: &Tensor, out: usize) -> Result<Tensor> {
         let n = x.shape()[0];
         let mut y = self.z(&[n, out])?;
-        let w = self.wt(&format!("{name}.weight"))?;
+        let w = self.base_weight(name)?;
         ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
         let bname = format!("{}{name}.bias", self.prefix);
         if self.w.contains(&bname) {
@@ -120,7 +135,7 @@ impl Layer<'_> {
         accumulate: bool,
         grads: &mut Option<&mut Grads>,
     ) -> Result<()> {
-        let w = self.wt(&format!("{name}.weight"))?;
+        let w = self.base_weight(name)?;
         let spec = if accumulate {
             Gemm::default().accumulate()
         } else {
@@ -540,7 +555,7 @@ pub(crate) fn to_heads(
     h: usize,
     d: usize,
 ) -> Result<Tensor> {
-    let mut y = Tensor::zeros(ctx, x.dtype(), &[b, h, t, d])?;
+    let mut y = Tensor::empty(ctx, x.dtype(), &[b, h, t, d])?;
     ops::permute_0213(ctx, &x.reshape(&[b, t, h, d])?, &mut y)?;
     Ok(y)
 }
@@ -554,7 +569,7 @@ pub(crate) fn from_heads(
     h: usize,
     d: usize,
 ) -> Result<Tensor> {
-    let mut y = Tensor::zeros(ctx, x.dtype(), &[b, t, h, d])?;
+    let mut y = Tensor::empty(ctx, x.dtype(), &[b, t, h, d])?;
     ops::permute_0213(ctx, &x.reshape(&[b, h, t, d])?, &mut y)?;
     Ok(y.reshape(&[b * t, h * d])?)
 }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use llmft_quant::{QuantConfig, QuantizedTensor};
 use llmft_tensor::{ops, Ctx, DType, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
@@ -167,26 +168,47 @@ fn stream_tensor(
     Ok(())
 }
 
+/// Whether `name` is a decoder linear weight (what QLoRA-style loading quantizes).
+pub fn is_quantizable(name: &str) -> bool {
+    name.starts_with("model.layers.") && name.ends_with("_proj.weight")
+}
+
+fn layout_for(
+    wanted: &[(String, Vec<usize>)],
+    dtype: DType,
+    quant: Option<&QuantConfig>,
+) -> BlobLayout {
+    let mut layout = BlobLayout::default();
+    for (name, shape) in wanted {
+        if !(quant.is_some() && is_quantizable(name)) {
+            layout.push(name, dtype, shape);
+        }
+    }
+    layout
+}
+
 /// Loads the frozen weights of every unit from a Hugging Face folder onto
 /// `ctx`, converting to `dtype`. Tensors stream from the mapped files in
 /// chunks of 8M elements and file pages are released after each chunk, so
 /// host memory stays far below one tensor, let alone the model.
+///
+/// With `quant`, the decoder's linear weights are quantized on `ctx`'s device
+/// as they arrive (one tensor at a time), so the model never exists whole in
+/// `dtype`. Weights the checkpoint already holds in bitsandbytes format load
+/// as they are.
 pub fn load_units(
     dir: &Path,
     config: &ModelConfig,
     ctx: &Ctx,
     dtype: DType,
+    quant: Option<&QuantConfig>,
 ) -> Result<Vec<UnitWeights>> {
     let index = Index::open(dir)?;
     let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
     let mut units = Vec::with_capacity(config.num_units());
     for unit in 0..config.num_units() {
         let wanted = config.unit_tensors(unit);
-        let mut layout = BlobLayout::default();
-        for (name, shape) in &wanted {
-            layout.push(name, dtype, shape);
-        }
-        let uw = UnitWeights::zeros(ctx, layout)?;
+        let mut uw = UnitWeights::zeros(ctx, layout_for(&wanted, dtype, quant))?;
         for (name, shape) in &wanted {
             let file = index.files.get(name).ok_or_else(|| Error::MissingTensor {
                 dir: index.dir.clone(),
@@ -198,6 +220,19 @@ pub fn load_units(
             }
             let shard = &shards[file];
             let st = shard.parsed();
+            if llmft_quant::io::is_bnb_quantized(&st, name) {
+                let q = llmft_quant::io::load_bnb(ctx, &st, name)?;
+                if &q.shape != shape {
+                    return Err(Error::TensorShape {
+                        path: shard.path.clone(),
+                        name: name.clone(),
+                        got: q.shape.clone(),
+                        expected: shape.clone(),
+                    });
+                }
+                uw.insert_quantized(name, q);
+                continue;
+            }
             let view = st.tensor(name).map_err(|_| Error::MissingTensor {
                 dir: shard.path.clone(),
                 name: name.clone(),
@@ -211,8 +246,17 @@ pub fn load_units(
                 });
             }
             let src_dtype = file_dtype(&shard.path, name, view.dtype())?;
-            let mut dst = uw.get(name)?;
-            stream_tensor(ctx, shard, src_dtype, view.data(), &mut dst)?;
+            match quant.filter(|_| is_quantizable(name)) {
+                Some(cfg) => {
+                    let mut dense = Tensor::zeros(ctx, dtype, shape)?;
+                    stream_tensor(ctx, shard, src_dtype, view.data(), &mut dense)?;
+                    uw.insert_quantized(name, QuantizedTensor::quantize(ctx, &dense, cfg)?);
+                }
+                None => {
+                    let mut dst = uw.get(name)?;
+                    stream_tensor(ctx, shard, src_dtype, view.data(), &mut dst)?;
+                }
+            }
         }
         units.push(uw);
     }
@@ -221,26 +265,30 @@ pub fn load_units(
 
 /// Randomly initialized units for `config` (normal(0, initializer_range) for
 /// matrices, ones for norms, zeros for biases), seeded.
+/// With `quant`, decoder linear weights are drawn dense and quantized one at a time.
 pub fn random_units(
     config: &ModelConfig,
     ctx: &Ctx,
     dtype: DType,
     seed: u64,
+    quant: Option<&QuantConfig>,
 ) -> Result<Vec<UnitWeights>> {
     let mut units = Vec::with_capacity(config.num_units());
     for unit in 0..config.num_units() {
         let wanted = config.unit_tensors(unit);
-        let mut layout = BlobLayout::default();
-        for (name, shape) in &wanted {
-            layout.push(name, dtype, shape);
-        }
-        let uw = UnitWeights::zeros(ctx, layout)?;
-        for (k, (name, _)) in wanted.iter().enumerate() {
+        let mut uw = UnitWeights::zeros(ctx, layout_for(&wanted, dtype, quant))?;
+        for (k, (name, shape)) in wanted.iter().enumerate() {
+            let s = seed ^ ((unit as u64) << 32) ^ k as u64;
+            if let Some(cfg) = quant.filter(|_| is_quantizable(name)) {
+                let mut dense = Tensor::zeros(ctx, dtype, shape)?;
+                ops::fill_normal(ctx, &mut dense, s, 0.0, config.initializer_range)?;
+                uw.insert_quantized(name, QuantizedTensor::quantize(ctx, &dense, cfg)?);
+                continue;
+            }
             let mut t = uw.get(name)?;
             if name.ends_with("norm.weight") {
                 ops::fill(ctx, &mut t, 1.0)?;
             } else if !name.ends_with(".bias") {
-                let s = seed ^ ((unit as u64) << 32) ^ k as u64;
                 ops::fill_normal(ctx, &mut t, s, 0.0, config.initializer_range)?;
             }
         }
@@ -255,6 +303,7 @@ pub fn load_resident(
     config: &ModelConfig,
     ctx: &Ctx,
     dtype: DType,
+    quant: Option<&QuantConfig>,
 ) -> Result<Resident> {
-    Ok(Resident::new(load_units(dir, config, ctx, dtype)?))
+    Ok(Resident::new(load_units(dir, config, ctx, dtype, quant)?))
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use llmft_quant::QuantConfig;
 use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
 use llmft_tensor::{Ctx, DType, Tensor};
 
@@ -239,15 +240,42 @@ impl Model {
 
     /// Loads a Hugging Face folder (config.json + safetensors) resident on `ctx`.
     pub fn from_dir(dir: &Path, ctx: &Ctx, dtype: DType) -> Result<Self> {
+        Self::from_dir_quantized(dir, ctx, dtype, None)
+    }
+
+    /// Loads a Hugging Face folder, quantizing the decoder's linear weights
+    /// with `quant` while loading (QLoRA / HQQ / int8 bases).
+    pub fn from_dir_quantized(
+        dir: &Path,
+        ctx: &Ctx,
+        dtype: DType,
+        quant: Option<&QuantConfig>,
+    ) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let units = load_units(dir, &config, ctx, dtype)?;
+        let units = load_units(dir, &config, ctx, dtype, quant)?;
         Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
     }
 
     /// A randomly initialized model of `config`.
     pub fn random(config: ModelConfig, ctx: &Ctx, dtype: DType, seed: u64) -> Result<Self> {
-        let units = random_units(&config, ctx, dtype, seed)?;
+        Self::random_quantized(config, ctx, dtype, seed, None)
+    }
+
+    /// A randomly initialized model whose decoder linears are quantized with `quant`.
+    pub fn random_quantized(
+        config: ModelConfig,
+        ctx: &Ctx,
+        dtype: DType,
+        seed: u64,
+        quant: Option<&QuantConfig>,
+    ) -> Result<Self> {
+        let units = random_units(&config, ctx, dtype, seed, quant)?;
         Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
+    }
+
+    /// The weights of unit `unit` (0 = embedding, 1..=L layers, L+1 head).
+    pub fn unit(&self, unit: usize) -> Result<std::sync::Arc<crate::store::UnitWeights>> {
+        self.store.fetch(unit)
     }
 
     /// The compute context.

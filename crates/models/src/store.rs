@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use llmft_quant::QuantizedTensor;
 use llmft_tensor::{numel, Ctx, DType, Tensor};
 
 use crate::{Error, Result};
@@ -48,12 +49,14 @@ impl BlobLayout {
     }
 }
 
-/// A unit's frozen weights: one blob and its table.
+/// A unit's frozen weights: one blob and its table, plus the quantized
+/// linear weights (packed data and statistics) by name.
 #[derive(Debug, Clone)]
 pub struct UnitWeights {
     blob: Tensor,
     index: HashMap<String, BlobEntry>,
     layout: BlobLayout,
+    quantized: HashMap<String, QuantizedTensor>,
 }
 
 impl UnitWeights {
@@ -69,7 +72,23 @@ impl UnitWeights {
             blob,
             index,
             layout,
+            quantized: HashMap::new(),
         })
+    }
+
+    /// Adds a quantized weight.
+    pub fn insert_quantized(&mut self, name: &str, q: QuantizedTensor) {
+        self.quantized.insert(name.to_string(), q);
+    }
+
+    /// The quantized weight `name`, if this unit stores it quantized.
+    pub fn quantized(&self, name: &str) -> Option<&QuantizedTensor> {
+        self.quantized.get(name)
+    }
+
+    /// Bytes held on the device (blob and quantized weights).
+    pub fn bytes(&self) -> usize {
+        self.blob.bytes() + self.quantized.values().map(|q| q.bytes()).sum::<usize>()
     }
 
     /// A view of the tensor `name`.
@@ -85,9 +104,9 @@ impl UnitWeights {
             .reinterpret(e.dtype, &e.shape)?)
     }
 
-    /// Whether the unit holds `name`.
+    /// Whether the unit holds `name` (dense or quantized).
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.quantized.contains_key(name)
     }
 
     /// The blob's table.

@@ -15,10 +15,13 @@ fn rows(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     Ok((x.numel() / d, d))
 }
 
-/// Threads per row: enough for each to hold at most 4 chunks of 8 elements
-/// in registers (the kernels' RMS_MAXC).
-fn threads_for(d: usize) -> usize {
-    (d / 8).div_ceil(4).next_multiple_of(32).clamp(32, 1024)
+/// Threads per row: enough for each to hold at most `chunks` chunks of 8
+/// elements in registers (the kernels' RMS_MAXC = 4, RMS_BWD_MAXC = 2).
+fn threads_for(d: usize, chunks: usize) -> usize {
+    (d / 8)
+        .div_ceil(chunks)
+        .next_multiple_of(32)
+        .clamp(32, 1024)
 }
 
 /// `y = x · rstd · w` with `rstd = 1/√(mean(x²) + eps)` per row of the last
@@ -53,7 +56,7 @@ pub fn rmsnorm_fwd(
             y.device_ptr()?,
             rstd.device_ptr()?,
         );
-        let c = cfg(n, threads_for(d), 0);
+        let c = cfg(n, threads_for(d, 4), 0);
         return launch!(
             cu,
             "rmsnorm",
@@ -129,7 +132,7 @@ pub fn rmsnorm_bwd(
                 msg: format!("hidden size {d} exceeds the 12288 supported with a weight gradient"),
             });
         }
-        let blocks = n.min(cu.sm_count() * 8);
+        let blocks = n.min(cu.sm_count() * 16);
         let (dyp, xp, wp, rp, dxp) = (
             dy.device_ptr()?,
             x.device_ptr()?,
@@ -137,7 +140,7 @@ pub fn rmsnorm_bwd(
             rstd.device_ptr()?,
             dx.device_ptr()?,
         );
-        let c = cfg(blocks, threads_for(d), shared);
+        let c = cfg(blocks, threads_for(d, 2), shared);
         let name = kname!("rmsnorm_bwd", x.dtype());
         return launch!(cu, "rmsnorm", name, c, dyp, xp, wp, rp, dxp, dwp, n as i64, d as i32);
     }
