@@ -18,9 +18,9 @@ __device__ void quant_int8_body(const typename E::T* x, i8_t* q, float* scb, u8_
     }
     m = block_max(m, sh);
     if (threadIdx.x == 0) scb[r] = m;
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(m));
-    float scale = __fmul_rn(127.0f, r);  // bnb's __fdividef(127, m)
+    float rcp;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(rcp) : "f"(m));
+    float scale = __fmul_rn(127.0f, rcp);  // bnb's __fdividef(127, m)
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = E::load(row, c);
         q[r * cols + c] = (sparse && fabsf(v) >= threshold) ? 0 : (i8_t)__float2int_rn(__fmul_rn(v, scale));
