@@ -244,6 +244,38 @@ impl ModelConfig {
         })
     }
 
+    /// A Hugging Face `config.json` for this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (arch, model_type) = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        };
+        let rope_scaling = match self.rope_scaling {
+            RopeScaling::Default => serde_json::Value::Null,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        serde_json::json!({
+            "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling, "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias, "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+        })
+    }
+
     /// Query width `num_heads · head_dim`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim

@@ -7,6 +7,9 @@ pub enum Error {
     /// The tensor layer failed.
     #[error(transparent)]
     Tensor(#[from] llmft_tensor::Error),
+    /// An adapter operation failed.
+    #[error(transparent)]
+    Lora(#[from] llmft_lora::Error),
     /// Quantization failed.
     #[error(transparent)]
     Quant(#[from] llmft_quant::Error),

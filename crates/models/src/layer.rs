@@ -6,6 +6,10 @@
 //! o  = softmax_causal(q·kᵀ/√d)·v     x2 = x + o·Woᵀ
 //! h2 = rmsnorm(x2)           a  = silu(h2·Wgᵀ) ⊙ (h2·Wuᵀ)     y = x2 + a·Wdᵀ
 //! ```
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use llmft_lora::{Adapter, LoraSaved, Mode};
 use llmft_tensor::ops::{self, Gemm};
 use llmft_tensor::{Ctx, DType, Tensor};
 
@@ -27,12 +31,9 @@ pub(crate) struct LayerActs {
     v: Tensor,
     probs: Tensor,
     attn: Tensor,
-    x2: Tensor,
-    h2: Tensor,
-    rstd2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
+    mlp: Mlp,
+    /// What each adapted linear's forward kept, by linear name.
+    lora: HashMap<String, LoraSaved>,
 }
 
 struct Qkv {
@@ -82,6 +83,12 @@ pub(crate) struct Layer<'a> {
     pub w: &'a UnitWeights,
     pub prefix: String,
     pub inv_freq: &'a Tensor,
+    /// LoRA/DoRA adapters of the model, if any.
+    pub adapter: Option<&'a Adapter>,
+    /// Dropout mode of the adapters.
+    pub mode: Mode,
+    /// Adapter records of the forward in progress (moved into LayerActs).
+    pub saved: RefCell<HashMap<String, LoraSaved>>,
 }
 
 impl Layer<'_> {
@@ -116,6 +123,13 @@ impl Layer<'_> {
         let mut y = self.z(&[n, out])?;
         let w = self.base_weight(name)?;
         ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
+        // The LoRA hook: the adapter adds its path to x·Wᵀ before the bias.
+        let module = format!("{}{name}", self.prefix);
+        if let Some(lora) = self.adapter.and_then(|a| a.layers.get(&module)) {
+            let mut saved = LoraSaved::new();
+            lora.forward(self.ctx, x, &w, &mut y, &mut saved, self.mode)?;
+            self.saved.borrow_mut().insert(name.to_string(), saved);
+        }
         let bname = format!("{}{name}.bias", self.prefix);
         if self.w.contains(&bname) {
             let b = self.w.get(&bname)?.reshape(&[1, out])?;
@@ -126,6 +140,7 @@ impl Layer<'_> {
     }
 
     /// Backward of `linear`: dx (+)= dy·W; weight/bias grads into `grads`.
+    #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
         name: &str,
@@ -133,6 +148,7 @@ impl Layer<'_> {
         dy: &Tensor,
         dx: &mut Tensor,
         accumulate: bool,
+        lora_saved: &HashMap<String, LoraSaved>,
         grads: &mut Option<&mut Grads>,
     ) -> Result<()> {
         let w = self.base_weight(name)?;
@@ -142,6 +158,20 @@ impl Layer<'_> {
             Gemm::default()
         };
         ops::gemm(self.ctx, dy, &w, dx, spec)?;
+        let module = format!("{}{name}", self.prefix);
+        if let Some(lora) = self.adapter.and_then(|a| a.layers.get(&module)) {
+            let saved = lora_saved.get(name).ok_or_else(|| {
+                crate::Error::Invalid(format!("no forward record for adapter {module}"))
+            })?;
+            match grads.as_deref_mut().and_then(|g| g.lora_mut(&module)) {
+                Some(lg) => lora.backward(self.ctx, x, &w, dy, saved, dx, lg)?,
+                None => {
+                    // Gradient of the input only: the adapter's grads are discarded.
+                    let mut scratch = llmft_lora::LoraGrads::zeros(self.ctx, lora)?;
+                    lora.backward(self.ctx, x, &w, dy, saved, dx, &mut scratch)?;
+                }
+            }
+        }
         if let Some(g) = grads.as_deref_mut() {
             let full = format!("{}{name}.weight", self.prefix);
             if let Some(dw) = g.get_mut(&full) {
@@ -296,12 +326,8 @@ impl Layer<'_> {
                 v,
                 probs,
                 attn,
-                x2: m.x2,
-                h2: m.h2,
-                rstd2: m.rstd2,
-                gate: m.gate,
-                up: m.up,
-                act: m.act,
+                mlp: m,
+                lora: self.saved.take(),
             },
         ))
     }
@@ -426,14 +452,45 @@ impl Layer<'_> {
 
         // MLP: y = x2 + down(act)
         let mut dact = self.z(&[n, f])?;
-        self.linear_bwd("mlp.down_proj", &a.act, dy, &mut dact, false, grads)?;
+        self.linear_bwd(
+            "mlp.down_proj",
+            &a.mlp.act,
+            dy,
+            &mut dact,
+            false,
+            &a.lora,
+            grads,
+        )?;
         let mut dgate = self.z(&[n, f])?;
         let mut dup = self.z(&[n, f])?;
-        ops::swiglu_bwd(self.ctx, &dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
+        ops::swiglu_bwd(
+            self.ctx,
+            &dact,
+            &a.mlp.gate,
+            &a.mlp.up,
+            &mut dgate,
+            &mut dup,
+        )?;
         drop(dact);
         let mut dh2 = self.z(&[n, h])?;
-        self.linear_bwd("mlp.gate_proj", &a.h2, &dgate, &mut dh2, false, grads)?;
-        self.linear_bwd("mlp.up_proj", &a.h2, &dup, &mut dh2, true, grads)?;
+        self.linear_bwd(
+            "mlp.gate_proj",
+            &a.mlp.h2,
+            &dgate,
+            &mut dh2,
+            false,
+            &a.lora,
+            grads,
+        )?;
+        self.linear_bwd(
+            "mlp.up_proj",
+            &a.mlp.h2,
+            &dup,
+            &mut dh2,
+            true,
+            &a.lora,
+            grads,
+        )?;
         drop((dgate, dup));
         let mut dx2 = self.z(&[n, h])?;
         let ln2 = format!("{}post_attention_layernorm.weight", self.prefix);
@@ -441,9 +498,9 @@ impl Layer<'_> {
         ops::rmsnorm_bwd(
             self.ctx,
             &dh2,
-            &a.x2,
+            &a.mlp.x2,
             &self.wt("post_attention_layernorm.weight")?,
-            &a.rstd2,
+            &a.mlp.rstd2,
             &mut dx2,
             dw2,
         )?;
@@ -451,7 +508,15 @@ impl Layer<'_> {
 
         // Attention: x2 = x + o_proj(attn)
         let mut dattn = self.z(&[n, nh * d])?;
-        self.linear_bwd("self_attn.o_proj", &a.attn, &dx2, &mut dattn, false, grads)?;
+        self.linear_bwd(
+            "self_attn.o_proj",
+            &a.attn,
+            &dx2,
+            &mut dattn,
+            false,
+            &a.lora,
+            grads,
+        )?;
         let d_o = to_heads(self.ctx, &dattn.reshape(&[n, nh, d])?, b, t, nh, d)?;
         let d_o3 = d_o.reshape(&[b * nkv, rep * t, d])?;
         let p3 = a.probs.reshape(&[b * nkv, rep * t, t])?;
@@ -519,9 +584,33 @@ impl Layer<'_> {
         }
         let dv_lin = dv_tok.reshape(&[n, nkv * d])?;
         let mut dh1 = self.z(&[n, h])?;
-        self.linear_bwd("self_attn.q_proj", &a.h1, &dq_lin, &mut dh1, false, grads)?;
-        self.linear_bwd("self_attn.k_proj", &a.h1, &dk_lin, &mut dh1, true, grads)?;
-        self.linear_bwd("self_attn.v_proj", &a.h1, &dv_lin, &mut dh1, true, grads)?;
+        self.linear_bwd(
+            "self_attn.q_proj",
+            &a.h1,
+            &dq_lin,
+            &mut dh1,
+            false,
+            &a.lora,
+            grads,
+        )?;
+        self.linear_bwd(
+            "self_attn.k_proj",
+            &a.h1,
+            &dk_lin,
+            &mut dh1,
+            true,
+            &a.lora,
+            grads,
+        )?;
+        self.linear_bwd(
+            "self_attn.v_proj",
+            &a.h1,
+            &dv_lin,
+            &mut dh1,
+            true,
+            &a.lora,
+            grads,
+        )?;
         let mut dx = self.z(&[n, h])?;
         let ln1 = format!("{}input_layernorm.weight", self.prefix);
         let dw1 = grads.as_deref_mut().and_then(|g| g.get_mut(&ln1));

@@ -19,6 +19,7 @@
 //! ```
 mod config;
 mod error;
+mod export;
 mod layer;
 mod loader;
 mod model;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use llmft_lora::{Adapter, LinearShape, LoraConfig, LoraGrads, Mode};
 use llmft_quant::QuantConfig;
 use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
 use llmft_tensor::{Ctx, DType, Tensor};
@@ -26,6 +27,8 @@ pub struct ModelBatch {
     pub positions: Tensor,
     /// Example ids `[B, T]` (i32) of packed rows; `None` = one sequence per row.
     pub segments: Option<Tensor>,
+    /// Seed of the adapters' dropout masks for this batch; `None` = no dropout.
+    pub dropout_seed: Option<u64>,
 }
 
 impl ModelBatch {
@@ -68,6 +71,7 @@ impl ModelBatch {
             segments: segments
                 .map(|s| Tensor::from_slice(ctx, s, &[batch, seq]))
                 .transpose()?,
+            dropout_seed: None,
         })
     }
 
@@ -81,6 +85,7 @@ impl ModelBatch {
 #[derive(Default)]
 pub struct Grads {
     map: BTreeMap<String, Tensor>,
+    lora: BTreeMap<String, LoraGrads>,
 }
 
 impl Grads {
@@ -93,7 +98,40 @@ impl Grads {
                 map.insert(name, Tensor::zeros(&model.ctx, DType::F32, &shape)?);
             }
         }
-        Ok(Self { map })
+        Ok(Self {
+            map,
+            lora: BTreeMap::new(),
+        })
+    }
+
+    /// Zeroed gradients of every adapter of `model` (LoRA/DoRA training).
+    pub fn for_adapter(model: &Model) -> Result<Self> {
+        let adapter = model
+            .adapter()
+            .ok_or_else(|| Error::Invalid("the model has no adapter attached".into()))?;
+        let mut lora = BTreeMap::new();
+        for (name, l) in &adapter.layers {
+            lora.insert(name.clone(), LoraGrads::zeros(&model.ctx, l)?);
+        }
+        Ok(Self {
+            map: BTreeMap::new(),
+            lora,
+        })
+    }
+
+    /// The adapter gradients of module `name`, if tracked.
+    pub fn lora(&self, name: &str) -> Option<&LoraGrads> {
+        self.lora.get(name)
+    }
+
+    /// The adapter gradients of module `name`, mutably.
+    pub fn lora_mut(&mut self, name: &str) -> Option<&mut LoraGrads> {
+        self.lora.get_mut(name)
+    }
+
+    /// Adapter gradients by module name.
+    pub fn lora_all(&self) -> &BTreeMap<String, LoraGrads> {
+        &self.lora
     }
 
     /// The gradient of `name`, if tracked.
@@ -203,6 +241,8 @@ pub struct Model {
     inv_freq: Tensor,
     /// Keep only each layer's input and recompute inside backward.
     pub checkpointing: bool,
+    adapter: Option<Adapter>,
+    source_config: Option<serde_json::Value>,
 }
 
 impl Model {
@@ -229,6 +269,8 @@ impl Model {
             store,
             inv_freq,
             checkpointing: false,
+            adapter: None,
+            source_config: None,
         })
     }
 
@@ -251,9 +293,14 @@ impl Model {
         dtype: DType,
         quant: Option<&QuantConfig>,
     ) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let cfg_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&cfg_path)?;
         let units = load_units(dir, &config, ctx, dtype, quant)?;
-        Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
+        let mut model = Self::new(config, ctx, dtype, Box::new(Resident::new(units)))?;
+        model.source_config = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        Ok(model)
     }
 
     /// A randomly initialized model of `config`.
@@ -288,7 +335,7 @@ impl Model {
         self.dtype
     }
 
-    fn layer<'a>(&'a self, w: &'a crate::store::UnitWeights, i: usize) -> Layer<'a> {
+    fn layer<'a>(&'a self, w: &'a crate::store::UnitWeights, i: usize, mode: Mode) -> Layer<'a> {
         Layer {
             cfg: &self.config,
             ctx: &self.ctx,
@@ -296,7 +343,93 @@ impl Model {
             w,
             prefix: format!("model.layers.{i}."),
             inv_freq: &self.inv_freq,
+            adapter: self.adapter.as_ref(),
+            mode,
+            saved: Default::default(),
         }
+    }
+
+    fn mode(batch: &ModelBatch) -> Mode {
+        match batch.dropout_seed {
+            Some(seed) => Mode::Train { seed },
+            None => Mode::Eval,
+        }
+    }
+
+    /// The decoder's linear layers by module name
+    /// (`model.layers.{i}.self_attn.q_proj`, ...), as adapters target them.
+    pub fn linear_shapes(&self) -> BTreeMap<String, LinearShape> {
+        let mut out = BTreeMap::new();
+        for i in 0..self.config.num_layers {
+            for (name, shape) in self.config.layer_tensors(i) {
+                if let Some(module) = name
+                    .strip_suffix(".weight")
+                    .filter(|_| crate::is_quantizable(&name))
+                {
+                    out.insert(module.to_string(), LinearShape::new(shape[1], shape[0]));
+                }
+            }
+        }
+        out
+    }
+
+    /// New adapters for this model's linears per `config` (DoRA magnitudes
+    /// initialized from the base weights, dequantized where quantized).
+    pub fn new_adapter(&self, config: LoraConfig, seed: u64) -> Result<Adapter> {
+        let mut adapter = Adapter::new(&self.ctx, &self.linear_shapes(), config, seed)?;
+        let pending: Vec<String> = adapter
+            .pending_magnitudes()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for module in pending {
+            let w = self.dense_weight(&format!("{module}.weight"))?;
+            adapter.init_magnitude(&self.ctx, &module, &w)?;
+        }
+        Ok(adapter)
+    }
+
+    /// The dense (dequantized where quantized) weight of a decoder tensor.
+    pub fn dense_weight(&self, name: &str) -> Result<Tensor> {
+        let layer: usize = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("`{name}` is not a decoder tensor")))?;
+        let u = self.store.fetch(layer + 1)?;
+        match u.quantized(name) {
+            Some(q) => {
+                let mut t = Tensor::zeros(&self.ctx, self.dtype, &q.shape)?;
+                q.dequantize(&self.ctx, &mut t)?;
+                Ok(t)
+            }
+            None => Ok(u.get(name)?),
+        }
+    }
+
+    /// Attaches adapters (from [`Model::new_adapter`] or `Adapter::load`).
+    pub fn attach_adapter(&mut self, adapter: Adapter) {
+        self.adapter = Some(adapter);
+    }
+
+    /// The config.json the model was loaded from, if any.
+    pub fn source_config(&self) -> Option<&serde_json::Value> {
+        self.source_config.as_ref()
+    }
+
+    /// The attached adapters.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// The attached adapters, mutably (the optimizer updates them).
+    pub fn adapter_mut(&mut self) -> Option<&mut Adapter> {
+        self.adapter.as_mut()
+    }
+
+    /// Detaches and returns the adapters.
+    pub fn take_adapter(&mut self) -> Option<Adapter> {
+        self.adapter.take()
     }
 
     fn check_batch(&self, batch: &ModelBatch) -> Result<()> {
@@ -364,7 +497,7 @@ impl Model {
         let mut x = self.embed(batch)?;
         for i in 0..self.config.num_layers {
             let w = self.store.fetch(i + 1)?;
-            x = self.layer(&w, i).forward(&x, batch)?.0;
+            x = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?.0;
         }
         let (h, _) = self.final_norm(&x)?;
         let (w, _) = self.head_weight()?;
@@ -398,7 +531,9 @@ impl Model {
             ops::embedding_fwd(&self.ctx, &ids, &table, &mut x)?;
             for (i, cache) in caches.iter_mut().enumerate() {
                 let w = self.store.fetch(i + 1)?;
-                x = self.layer(&w, i).forward_cached(&x, &pos, cache, start)?;
+                x = self
+                    .layer(&w, i, Mode::Eval)
+                    .forward_cached(&x, &pos, cache, start)?;
             }
             let last = x.view(
                 (n - 1) * self.config.hidden_size,
@@ -422,7 +557,7 @@ impl Model {
     /// Decoder layer `i` forward on hidden states `x [B·T, H]`.
     pub fn forward_layer(&self, i: usize, x: &Tensor, batch: &ModelBatch) -> Result<Tensor> {
         let w = self.store.fetch(i + 1)?;
-        Ok(self.layer(&w, i).forward(x, batch)?.0)
+        Ok(self.layer(&w, i, Self::mode(batch)).forward(x, batch)?.0)
     }
 
     /// Decoder layer `i` backward as gradient checkpointing runs it: the
@@ -436,7 +571,7 @@ impl Model {
         grads: Option<&mut Grads>,
     ) -> Result<Tensor> {
         let w = self.store.fetch(i + 1)?;
-        let layer = self.layer(&w, i);
+        let layer = self.layer(&w, i, Self::mode(batch));
         let (_, a) = layer.forward(x, batch)?;
         let mut grads = grads;
         layer.backward(x, &a, dy, batch, &mut grads)
@@ -463,7 +598,7 @@ impl Model {
         for i in 0..l {
             self.store.prefetch(i + 2)?;
             let w = self.store.fetch(i + 1)?;
-            let (y, a) = self.layer(&w, i).forward(&x, batch)?;
+            let (y, a) = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?;
             acts.push(if self.checkpointing { None } else { Some(a) });
             inputs.push(x);
             x = y;
@@ -508,7 +643,7 @@ impl Model {
         // Layers in reverse.
         for i in (0..l).rev() {
             let w = self.store.fetch(i + 1)?;
-            let layer = self.layer(&w, i);
+            let layer = self.layer(&w, i, Self::mode(batch));
             let xin = inputs.pop().expect("one input per layer");
             let a = match acts.pop().flatten() {
                 Some(a) => a,
