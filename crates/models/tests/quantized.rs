@@ -71,3 +71,59 @@ fn quantized_model_equals_dense_model_of_dequantized_weights() {
         }
     }
 }
+
+/// A checkpoint holding bitsandbytes-format weights (as transformers writes a
+/// `load_in_4bit` model) loads as it is and computes like quantize-at-load.
+#[test]
+fn prequantized_bnb_checkpoint_loads_as_is() {
+    use llmft_quant::io::{bnb_state_dict, write_safetensors, RawTensor};
+    use safetensors::Dtype as St;
+    let ctx = Ctx::cpu();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("llama3");
+    for (label, cfg) in [
+        ("nf4-dq", QuantConfig::nf4_double_quant()),
+        ("int8", QuantConfig::int8()),
+    ] {
+        let q = Model::from_dir_quantized(&src, &ctx, DType::F32, Some(&cfg)).unwrap();
+        let mut tensors: Vec<(String, RawTensor)> = Vec::new();
+        for u in 0..q.config.num_units() {
+            let unit = q.unit(u).unwrap();
+            for (name, shape) in q.config.unit_tensors(u) {
+                match unit.quantized(&name) {
+                    Some(qt) => tensors.extend(bnb_state_dict(&name, qt).unwrap()),
+                    None => {
+                        let t = unit.get(&name).unwrap();
+                        tensors.push((
+                            name,
+                            RawTensor {
+                                dtype: St::F32,
+                                shape,
+                                data: t.as_bytes().unwrap().to_vec(),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        let dir =
+            std::env::temp_dir().join(format!("llmft-bnb-ckpt-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+        let loaded = Model::from_dir(&dir, &ctx, DType::F32).unwrap();
+        let u1 = loaded.unit(1).unwrap();
+        assert!(
+            u1.quantized("model.layers.0.self_attn.q_proj.weight")
+                .is_some(),
+            "{label}: loaded quantized"
+        );
+        let ids: Vec<i32> = (0..16).map(|i| (i * 5 + 1) % 96).collect();
+        let batch = ModelBatch::from_host(&ctx, 2, 8, &ids, None, None, None).unwrap();
+        let a = q.logits(&batch).unwrap().to_f32_vec().unwrap();
+        let b = loaded.logits(&batch).unwrap().to_f32_vec().unwrap();
+        assert!(rel_l2(&b, &a) < 1e-6, "{label}: {}", rel_l2(&b, &a));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
