@@ -22,38 +22,11 @@ fn vm_hwm_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn config_json(c: &ModelConfig, preset: &str) -> String {
-    let rope = match c.rope_scaling {
-        llmft_tensor::ops::RopeScaling::Default => serde_json::Value::Null,
-        llmft_tensor::ops::RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => serde_json::json!({
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
-    };
-    let arch = match c.arch {
-        llmft_models::Arch::Llama => "LlamaForCausalLM",
-        llmft_models::Arch::Qwen2 => "Qwen2ForCausalLM",
-        llmft_models::Arch::Qwen3 => "Qwen3ForCausalLM",
-    };
-    serde_json::json!({
-        "architectures": [arch], "_llmft_preset": preset, "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": rope, "tie_word_embeddings": c.tie_word_embeddings,
-    })
-    .to_string()
-}
-
 fn write(dir: &Path, preset: &str, layers: usize, shard_bytes: usize) {
     let mut c = ModelConfig::preset(preset).unwrap();
     c.num_layers = layers;
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), config_json(&c, preset)).unwrap();
+    std::fs::write(dir.join("config.json"), c.to_hf_json().to_string()).unwrap();
     let all: Vec<(String, Vec<usize>)> =
         (0..c.num_units()).flat_map(|u| c.unit_tensors(u)).collect();
     // Group tensors into shards of about shard_bytes.

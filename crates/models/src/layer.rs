@@ -20,12 +20,8 @@ use crate::{ModelConfig, Result};
 /// Activations a layer's backward needs (kept, or recomputed under
 /// gradient checkpointing).
 pub(crate) struct LayerActs {
-    h1: Tensor,
-    rstd1: Tensor,
-    q_pre: Option<Tensor>,
-    k_pre: Option<Tensor>,
-    rstd_q: Option<Tensor>,
-    rstd_k: Option<Tensor>,
+    inp: AttnIn,
+    /// q, k, v head-major `[B, H, T, D]` (after RoPE).
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -36,13 +32,19 @@ pub(crate) struct LayerActs {
     lora: HashMap<String, LoraSaved>,
 }
 
-struct Qkv {
+/// The attention's normalized input and Qwen3's per-head norm records.
+struct AttnIn {
     h1: Tensor,
     rstd1: Tensor,
     q_pre: Option<Tensor>,
     k_pre: Option<Tensor>,
     rstd_q: Option<Tensor>,
     rstd_k: Option<Tensor>,
+}
+
+/// q, k (after RoPE) and v, token-major `[N, H, D]`.
+struct Qkv {
+    inp: AttnIn,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -234,12 +236,14 @@ impl Layer<'_> {
             &mut k,
         )?;
         Ok(Qkv {
-            h1,
-            rstd1,
-            q_pre,
-            k_pre,
-            rstd_q,
-            rstd_k,
+            inp: AttnIn {
+                h1,
+                rstd1,
+                q_pre,
+                k_pre,
+                rstd_q,
+                rstd_k,
+            },
             q,
             k,
             v: v.reshape(&[n, nkv, d])?,
@@ -315,12 +319,7 @@ impl Layer<'_> {
         Ok((
             y,
             LayerActs {
-                h1: p.h1,
-                rstd1: p.rstd1,
-                q_pre: p.q_pre,
-                k_pre: p.k_pre,
-                rstd_q: p.rstd_q,
-                rstd_k: p.rstd_k,
+                inp: p.inp,
                 q,
                 k,
                 v,
@@ -566,19 +565,19 @@ impl Layer<'_> {
         let mut dq_lin = dq_r.reshape(&[n, nh * d])?;
         let mut dk_lin = dk_r.reshape(&[n, nkv * d])?;
         if c.qk_norm {
-            let (qp, kp) = (a.q_pre.as_ref().unwrap(), a.k_pre.as_ref().unwrap());
+            let (qp, kp) = (a.inp.q_pre.as_ref().unwrap(), a.inp.k_pre.as_ref().unwrap());
             dq_lin = self.head_norm_bwd(
                 "self_attn.q_norm.weight",
                 &dq_lin,
                 qp,
-                a.rstd_q.as_ref().unwrap(),
+                a.inp.rstd_q.as_ref().unwrap(),
                 grads,
             )?;
             dk_lin = self.head_norm_bwd(
                 "self_attn.k_norm.weight",
                 &dk_lin,
                 kp,
-                a.rstd_k.as_ref().unwrap(),
+                a.inp.rstd_k.as_ref().unwrap(),
                 grads,
             )?;
         }
@@ -586,7 +585,7 @@ impl Layer<'_> {
         let mut dh1 = self.z(&[n, h])?;
         self.linear_bwd(
             "self_attn.q_proj",
-            &a.h1,
+            &a.inp.h1,
             &dq_lin,
             &mut dh1,
             false,
@@ -595,7 +594,7 @@ impl Layer<'_> {
         )?;
         self.linear_bwd(
             "self_attn.k_proj",
-            &a.h1,
+            &a.inp.h1,
             &dk_lin,
             &mut dh1,
             true,
@@ -604,7 +603,7 @@ impl Layer<'_> {
         )?;
         self.linear_bwd(
             "self_attn.v_proj",
-            &a.h1,
+            &a.inp.h1,
             &dv_lin,
             &mut dh1,
             true,
@@ -619,7 +618,7 @@ impl Layer<'_> {
             &dh1,
             x,
             &self.wt("input_layernorm.weight")?,
-            &a.rstd1,
+            &a.inp.rstd1,
             &mut dx,
             dw1,
         )?;
