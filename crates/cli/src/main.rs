@@ -1,8 +1,12 @@
 //! `llmft`: fine-tune large language models on GPUs too small for them.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 use llmft_tensor::{cuda, cuda_device_count, Ctx};
+
+mod config;
 
 #[derive(Parser)]
 #[command(
@@ -15,12 +19,35 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// Configuration layers shared by the subcommands.
+#[derive(Args, Clone, Default)]
+struct ConfigArgs {
+    /// Config file (TOML, YAML or JSON).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set lora.r=16` (repeatable; beats the file
+    /// and `LLMFT_<SECTION>__<KEY>` variables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train (with no arguments: the built-in demo job).
-    Train,
+    Train(ConfigArgs),
     /// Print the GPU, driver, NVRTC and kernel-cache facts for a bug report.
     Env,
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the resolved configuration and where each value came from.
+    Show(ConfigArgs),
 }
 
 fn env_report() -> Result<(), String> {
@@ -66,18 +93,42 @@ fn env_report() -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Train) {
-        Command::Env => env_report(),
-        Command::Train => {
-            let ctx = Ctx::best();
-            println!("llmft train: device {}", ctx.device());
-            println!(
-                "plan: built-in Llama-architecture model, QLoRA (NF4 base + LoRA), embedded \
-                 arithmetic dataset; training itself lands with the trainer issue"
+    let result =
+        match cli.command.unwrap_or(Command::Train(ConfigArgs::default())) {
+            Command::Env => env_report(),
+            Command::Config {
+                action: ConfigAction::Show(args),
+            } => config::Loaded::load(args.config.as_deref(), &args.set)
+                .map(|l| print!("{}", l.show()))
+                .map_err(|e| e.to_string()),
+            Command::Train(args) => {
+                let loaded = match config::Loaded::load(args.config.as_deref(), &args.set) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let s = &loaded.settings;
+                let ctx = Ctx::best();
+                println!("llmft train: device {}", ctx.device());
+                println!(
+                "plan: model {}, base {}, compute {}, LoRA r={} alpha={} on {}; training itself \
+                 lands with the trainer issue",
+                if s.model.path.is_empty() { "built-in demo" } else { &s.model.path },
+                s.model.quant,
+                s.model.dtype,
+                s.lora.r,
+                s.lora.lora_alpha,
+                s.lora
+                    .target_modules
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "the default targets".into()),
             );
-            Ok(())
-        }
-    };
+                Ok(())
+            }
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
