@@ -42,6 +42,38 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Merge an adapter into `model.path` and export Hugging Face safetensors.
+    Merge {
+        /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (must not exist; written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Shard size in MiB.
+        #[arg(long, default_value_t = 5120)]
+        shard_mib: usize,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataAction {
+    /// Render the first examples of each training dataset with the trained
+    /// spans marked, then the dataset statistics.
+    Inspect {
+        /// Examples to show per dataset.
+        #[arg(long, short = 'n', default_value_t = 3)]
+        n: usize,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -91,6 +123,80 @@ fn env_report() -> Result<(), String> {
     Ok(())
 }
 
+fn dtype_of(name: &str) -> Result<llmft_tensor::DType, String> {
+    match name {
+        "bf16" => Ok(llmft_tensor::DType::BF16),
+        "f16" => Ok(llmft_tensor::DType::F16),
+        "f32" => Ok(llmft_tensor::DType::F32),
+        other => Err(format!(
+            "model.dtype `{other}` is not one of bf16, f16, f32"
+        )),
+    }
+}
+
+fn device_ctx(name: &str) -> Result<Ctx, String> {
+    if name == "auto" {
+        return Ok(Ctx::best());
+    }
+    let dev: llmft_tensor::Device = name
+        .parse()
+        .map_err(|e: llmft_tensor::Error| e.to_string())?;
+    Ctx::new(dev).map_err(|e| e.to_string())
+}
+
+fn model_dir(s: &config::Settings) -> Result<PathBuf, String> {
+    if s.model.path.is_empty() {
+        return Err("set model.path (a Hugging Face folder or model id), e.g. --set model.path=meta-llama/Llama-3.1-8B".into());
+    }
+    llmft_models::resolve_model(&s.model.path).map_err(|e| e.to_string())
+}
+
+fn merge(
+    adapter: &std::path::Path,
+    out: &std::path::Path,
+    shard_mib: usize,
+    s: &config::Settings,
+) -> Result<(), String> {
+    let dtype = dtype_of(&s.model.dtype)?;
+    let ctx = device_ctx(&s.model.device)?;
+    let dir = model_dir(s)?;
+    // Merging works on the dense base: a quantized base would bake its
+    // rounding error into the export.
+    let mut model = llmft_models::Model::from_dir(&dir, &ctx, dtype).map_err(|e| e.to_string())?;
+    let a = llmft_lora::Adapter::load(&ctx, adapter, &model.linear_shapes())
+        .map_err(|e| e.to_string())?;
+    let n = a.layers.len();
+    model.attach_adapter(a);
+    model
+        .export_merged(out, dtype, shard_mib.max(1) << 20)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "merged {n} adapted linears into {} ({})",
+        out.display(),
+        s.model.dtype
+    );
+    Ok(())
+}
+
+fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
+    let dir = model_dir(s)?;
+    let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+    let pipeline = llmft_data::Pipeline::new(s.data.clone(), tok).map_err(|e| e.to_string())?;
+    if s.data.train.is_empty() {
+        return Err(
+            "set data.train to at least one dataset (a file, folder, glob or dataset id)".into(),
+        );
+    }
+    for spec in &s.data.train {
+        for (at, view) in pipeline.inspect(spec, n).map_err(|e| e.to_string())? {
+            println!("== {at}\n{view}\n");
+        }
+    }
+    let data = pipeline.load().map_err(|e| e.to_string())?;
+    println!("{}", data.train.stats());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result =
@@ -101,6 +207,19 @@ fn main() -> ExitCode {
             } => config::Loaded::load(args.config.as_deref(), &args.set)
                 .map(|l| print!("{}", l.show()))
                 .map_err(|e| e.to_string()),
+            Command::Merge {
+                adapter,
+                out,
+                shard_mib,
+                cfg,
+            } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+                .map_err(|e| e.to_string())
+                .and_then(|l| merge(&adapter, &out, shard_mib, &l.settings)),
+            Command::Data {
+                action: DataAction::Inspect { n, cfg },
+            } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+                .map_err(|e| e.to_string())
+                .and_then(|l| data_inspect(n, &l.settings)),
             Command::Train(args) => {
                 let loaded = match config::Loaded::load(args.config.as_deref(), &args.set) {
                     Ok(l) => l,

@@ -1,0 +1,91 @@
+//! The `llmft` binary: exit codes and one-sentence errors, `merge` and
+//! `data inspect` on the repository's fixtures.
+use std::path::Path;
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn llmft(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmft"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("LLMFT_MODEL__PATH")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_key_is_one_sentence_and_nonzero() {
+    let (code, _, err) = llmft(&["config", "show", "--set", "lora.rr=4"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown configuration key `lora.rr`") && err.contains("`lora.r`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn merge_exports_and_refuses_to_overwrite() {
+    let out = std::env::temp_dir().join(format!("llmft-cli-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let args = [
+        "merge",
+        "--adapter",
+        "crates/lora/fixtures/models/qwen3-lora",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "model.path=crates/models/fixtures/qwen3",
+        "--set",
+        "model.dtype=f32",
+        "--set",
+        "model.device=cpu",
+    ];
+    let (code, stdout, err) = llmft(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("merged 14 adapted linears"), "{stdout}");
+    assert!(out.join("model.safetensors").is_file() && out.join("config.json").is_file());
+    let (code, _, err) = llmft(&args);
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, _, err) = llmft(&[
+        "merge",
+        "--adapter",
+        "nope",
+        "--out",
+        "/tmp/x",
+        "--set",
+        "model.device=cpu",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("model.path"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn data_inspect_marks_trained_spans() {
+    let (code, stdout, err) = llmft(&[
+        "data",
+        "inspect",
+        "-n",
+        "1",
+        "--set",
+        "model.path=crates/data/fixtures/chat/llama3",
+        "--set",
+        r#"data.train=["crates/data/fixtures/chat/conversations.jsonl"]"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("conversations.jsonl:1") && stdout.contains('⟦'),
+        "{stdout}"
+    );
+    assert!(stdout.contains("10 examples"), "{stdout}");
+}
