@@ -56,6 +56,16 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Quantize `model.path` with `model.quant` (nf4, nf4-dq, fp4, int8) and
+    /// write it in the bitsandbytes format transformers writes, so llmft or
+    /// transformers load it without quantizing again.
+    Quantize {
+        /// Output folder (must not exist; written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -178,6 +188,124 @@ fn merge(
     Ok(())
 }
 
+/// The quantization of `model.quant`.
+fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
+    use llmft_quant::QuantConfig;
+    Ok(match name {
+        "none" => None,
+        "nf4" => Some(QuantConfig::nf4()),
+        "nf4-dq" => Some(QuantConfig::nf4_double_quant()),
+        "fp4" => Some(QuantConfig::fp4()),
+        "int8" => Some(QuantConfig::int8()),
+        "hqq4" => Some(QuantConfig::hqq(4)),
+        "hqq3" => Some(QuantConfig::hqq(3)),
+        "hqq2" => Some(QuantConfig::hqq(2)),
+        other => {
+            return Err(format!(
+                "model.quant `{other}` is not one of none, nf4, nf4-dq, fp4, int8, hqq4, hqq3, hqq2"
+            ))
+        }
+    })
+}
+
+fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
+    use llmft_quant::io::{bnb_state_dict, write_safetensors, RawTensor};
+    let quant = quant_of(&s.model.quant)?;
+    let bnb = match (&s.model.quant[..], &quant) {
+        ("nf4" | "nf4-dq" | "fp4" | "int8", Some(q)) => *q,
+        _ => {
+            return Err(format!(
+                "llmft quantize writes bitsandbytes formats (nf4, nf4-dq, fp4, int8); model.quant is `{}`",
+                s.model.quant
+            ))
+        }
+    };
+    if out.exists() {
+        return Err(format!(
+            "{}: the output folder already exists",
+            out.display()
+        ));
+    }
+    let dtype = dtype_of(&s.model.dtype)?;
+    let st_dtype = match dtype {
+        llmft_tensor::DType::F32 => safetensors::Dtype::F32,
+        llmft_tensor::DType::F16 => safetensors::Dtype::F16,
+        _ => safetensors::Dtype::BF16,
+    };
+    let ctx = device_ctx(&s.model.device)?;
+    let dir = model_dir(s)?;
+    let model = llmft_models::Model::from_dir_quantized(&dir, &ctx, dtype, Some(&bnb))
+        .map_err(|e| e.to_string())?;
+    let cpu = Ctx::cpu();
+    let mut tensors = Vec::new();
+    for u in 0..model.config.num_units() {
+        let unit = model.unit(u).map_err(|e| e.to_string())?;
+        for (name, shape) in model.config.unit_tensors(u) {
+            match unit.quantized(&name) {
+                Some(q) => tensors.extend(bnb_state_dict(&name, q).map_err(|e| e.to_string())?),
+                None => {
+                    let t = unit.get(&name).map_err(|e| e.to_string())?;
+                    let host = t.to_ctx(&cpu).map_err(|e| e.to_string())?;
+                    let data = host.as_bytes().map_err(|e| e.to_string())?.to_vec();
+                    tensors.push((
+                        name,
+                        RawTensor {
+                            dtype: st_dtype,
+                            shape,
+                            data,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    let tmp = out.with_extension("tmp-quantize");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let write = || -> Result<(), String> {
+        write_safetensors(&tmp.join("model.safetensors"), &tensors).map_err(|e| e.to_string())?;
+        let mut cfg = model.hf_config_json(dtype);
+        let torch = |d: &str| match d {
+            "f32" => "float32",
+            "f16" => "float16",
+            _ => "bfloat16",
+        };
+        let qc = match s.model.quant.as_str() {
+            "int8" => serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}),
+            q => serde_json::json!({
+                "quant_method": "bitsandbytes", "load_in_4bit": true,
+                "bnb_4bit_quant_type": if q == "fp4" { "fp4" } else { "nf4" },
+                "bnb_4bit_use_double_quant": q == "nf4-dq",
+                "bnb_4bit_compute_dtype": torch(&s.model.dtype),
+                "bnb_4bit_quant_storage": "uint8",
+            }),
+        };
+        cfg["quantization_config"] = qc;
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
+        std::fs::write(tmp.join("config.json"), text).map_err(|e| e.to_string())?;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            if dir.join(f).is_file() {
+                std::fs::copy(dir.join(f), tmp.join(f)).map_err(|e| format!("{f}: {e}"))?;
+            }
+        }
+        std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
+    })?;
+    println!(
+        "wrote {} ({}) to {}",
+        s.model.quant,
+        s.model.dtype,
+        out.display()
+    );
+    Ok(())
+}
+
 fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
     let dir = model_dir(s)?;
     let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
@@ -215,6 +343,9 @@ fn main() -> ExitCode {
             } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
                 .map_err(|e| e.to_string())
                 .and_then(|l| merge(&adapter, &out, shard_mib, &l.settings)),
+            Command::Quantize { out, cfg } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+                .map_err(|e| e.to_string())
+                .and_then(|l| quantize(&out, &l.settings)),
             Command::Data {
                 action: DataAction::Inspect { n, cfg },
             } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)

@@ -89,3 +89,49 @@ fn data_inspect_marks_trained_spans() {
     );
     assert!(stdout.contains("10 examples"), "{stdout}");
 }
+
+#[test]
+fn quantize_writes_a_bnb_checkpoint_that_loads_as_is() {
+    use llmft_models::{Model, ModelBatch, QuantConfig};
+    use llmft_tensor::{Ctx, DType};
+    let out = std::env::temp_dir().join(format!("llmft-cli-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let (code, _, err) = llmft(&[
+        "quantize",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "model.path=crates/models/fixtures/qwen2",
+        "--set",
+        "model.quant=nf4",
+        "--set",
+        "model.dtype=f32",
+        "--set",
+        "model.device=cpu",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ctx = Ctx::cpu();
+    let src = root().join("crates/models/fixtures/qwen2");
+    let direct =
+        Model::from_dir_quantized(&src, &ctx, DType::F32, Some(&QuantConfig::nf4())).unwrap();
+    let loaded = Model::from_dir(&out, &ctx, DType::F32).unwrap();
+    let ids: Vec<i32> = (0..8).map(|i| (i * 9 + 2) % 96).collect();
+    let b = ModelBatch::from_host(&ctx, 1, 8, &ids, None, None, None).unwrap();
+    let (x, y) = (
+        direct.logits(&b).unwrap().to_f32_vec().unwrap(),
+        loaded.logits(&b).unwrap().to_f32_vec().unwrap(),
+    );
+    assert_eq!(x, y);
+    let (code, _, err) = llmft(&[
+        "quantize",
+        "--out",
+        "/tmp/never",
+        "--set",
+        "model.quant=hqq4",
+        "--set",
+        "model.path=crates/models/fixtures/qwen2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("bitsandbytes formats"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
