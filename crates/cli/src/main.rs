@@ -66,6 +66,30 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Continue a prompt with `model.path` (and optionally an adapter), to
+    /// sanity-check a model: greedy, or top-p sampling with a temperature.
+    Generate {
+        /// The prompt text (tokenized with the model's tokenizer.json).
+        #[arg(long)]
+        prompt: String,
+        /// PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus mass for sampling.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -306,6 +330,39 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
     Ok(())
 }
 
+struct GenerateArgs<'a> {
+    prompt: &'a str,
+    adapter: Option<&'a std::path::Path>,
+    opts: llmft_models::GenerateOpts,
+}
+
+fn generate(g: &GenerateArgs<'_>, s: &config::Settings) -> Result<(), String> {
+    let dtype = dtype_of(&s.model.dtype)?;
+    let ctx = device_ctx(&s.model.device)?;
+    let dir = model_dir(s)?;
+    let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+    let quant = quant_of(&s.model.quant)?;
+    let mut model = llmft_models::Model::from_dir_quantized(&dir, &ctx, dtype, quant.as_ref())
+        .map_err(|e| e.to_string())?;
+    if let Some(a) = g.adapter {
+        let adapter = llmft_lora::Adapter::load(&ctx, a, &model.linear_shapes())
+            .map_err(|e| e.to_string())?;
+        model.attach_adapter(adapter);
+    }
+    let (ids, _) = tok.encode(g.prompt, true).map_err(|e| e.to_string())?;
+    let prompt: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let mut opts = g.opts.clone();
+    opts.stop.extend(tok.eos_id().map(|i| i as i32));
+    let out = model.generate(&prompt, &opts).map_err(|e| e.to_string())?;
+    let out: Vec<u32> = out.iter().map(|&i| i as u32).collect();
+    println!(
+        "{}{}",
+        g.prompt,
+        tok.decode(&out).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
 fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
     let dir = model_dir(s)?;
     let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
@@ -346,6 +403,30 @@ fn main() -> ExitCode {
             Command::Quantize { out, cfg } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
                 .map_err(|e| e.to_string())
                 .and_then(|l| quantize(&out, &l.settings)),
+            Command::Generate {
+                prompt,
+                adapter,
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                cfg,
+            } => {
+                let g = GenerateArgs {
+                    prompt: &prompt,
+                    adapter: adapter.as_deref(),
+                    opts: llmft_models::GenerateOpts {
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        seed,
+                        stop: Vec::new(),
+                    },
+                };
+                config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+                    .map_err(|e| e.to_string())
+                    .and_then(|l| generate(&g, &l.settings))
+            }
             Command::Data {
                 action: DataAction::Inspect { n, cfg },
             } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)

@@ -135,3 +135,80 @@ fn quantize_writes_a_bnb_checkpoint_that_loads_as_is() {
     assert!(err.contains("bitsandbytes formats"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn generate_continues_a_prompt_deterministically() {
+    use llmft_models::ModelConfig;
+    use llmft_quant::io::{write_safetensors, RawTensor};
+    let tok_dir = root().join("crates/data/fixtures/chat/llama3");
+    let vocab = llmft_data::ModelTokenizer::from_dir(&tok_dir)
+        .unwrap()
+        .inner()
+        .get_vocab_size(true);
+    let dir = std::env::temp_dir().join(format!("llmft-cli-generate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok_dir.join(f), dir.join(f)).unwrap();
+    }
+    let json = format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":{vocab},"hidden_size":32,"intermediate_size":48,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}}"#
+    );
+    std::fs::write(dir.join("config.json"), &json).unwrap();
+    let cfg = ModelConfig::from_json(&json, Path::new("config.json")).unwrap();
+    let mut seed = 1u32;
+    let mut tensors = Vec::new();
+    for u in 0..cfg.num_units() {
+        for (name, shape) in cfg.unit_tensors(u) {
+            let n: usize = shape.iter().product();
+            let mut data = Vec::with_capacity(n * 4);
+            for _ in 0..n {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let v = if name.ends_with("norm.weight") {
+                    1.0
+                } else {
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                };
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            tensors.push((
+                name,
+                RawTensor {
+                    dtype: safetensors::Dtype::F32,
+                    shape,
+                    data,
+                },
+            ));
+        }
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+    let path = format!("model.path={}", dir.display());
+    let args = [
+        "generate",
+        "--prompt",
+        "What is",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--set",
+        &path,
+        "--set",
+        "model.quant=none",
+        "--set",
+        "model.dtype=f32",
+        "--set",
+        "model.device=cpu",
+    ];
+    let (code, out1, err) = llmft(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out1.starts_with("What is"), "{out1}");
+    let (_, out2, _) = llmft(&args);
+    assert_eq!(out1, out2, "seeded sampling repeats");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
