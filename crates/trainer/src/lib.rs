@@ -1,9 +1,56 @@
-//! llmft-trainer: the training loop, AdamW, schedules, accumulation, clipping, checkpoints and metrics (the trainer issue fills it).
+//! llmft-trainer: the training step, AdamW, learning-rate schedules,
+//! gradient accumulation, clipping, checkpoints and metrics.
+//!
+//! - [`TrainConfig`]: hyperparameters as data, each with a documented default.
+//! - [`LrSchedule`]: constant / linear / cosine with warmup, as transformers.
+//! - [`Optimizer`]: AdamW over an adapter's f32 masters, with global-norm
+//!   clipping and the non-finite check ([`NanPolicy`]).
+//! - [`Trainer`]: one step = forward + backward of each micro-batch with the
+//!   loss normalized by the step's trained tokens, then the update;
+//!   [`Trainer::save_checkpoint`] / [`Trainer::resume`] continue bit-exactly.
+//! - [`MetricsWriter`]: one JSON line per step.
+//! - [`model_batch`]: a data-pipeline batch as the model's batch.
+//!
+//! ```
+//! use llmft_lora::LoraConfig;
+//! use llmft_models::{Model, ModelBatch, ModelConfig};
+//! use llmft_tensor::{Ctx, DType};
+//! use llmft_trainer::{TrainConfig, Trainer};
+//!
+//! let json = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":64,"hidden_size":32,
+//!   "intermediate_size":48,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#;
+//! let ctx = Ctx::cpu();
+//! let mut model = Model::random(ModelConfig::from_json(json, "config.json".as_ref())?, &ctx, DType::F32, 0)?;
+//! let lora: LoraConfig = serde_json::from_str(r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#)?;
+//! let adapter = model.new_adapter(lora, 0)?;
+//! model.attach_adapter(adapter);
+//! let config = TrainConfig { lr: 1e-2, max_steps: 3, ..TrainConfig::default() };
+//! let mut trainer = Trainer::new(config, &model)?;
+//! let ids = [1, 5, 9, 2, 7, 3, 3, 8];
+//! while !trainer.is_done() {
+//!     let mut micro = [ModelBatch::from_host(&ctx, 1, 8, &ids, None, None, None)?];
+//!     let stats = trainer.step(&mut model, &mut micro)?;
+//!     assert!(stats.loss.is_finite() && !stats.skipped);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+mod batch;
+mod checkpoint;
+mod config;
+mod error;
+mod metrics;
+mod optimizer;
+mod schedule;
+mod trainer;
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The tensor layer failed.
-    #[error(transparent)]
-    Tensor(#[from] llmft_tensor::Error),
-}
+pub use batch::model_batch;
+pub use checkpoint::{
+    latest_checkpoint, list as list_checkpoints, read_state, TrainerState, OPTIMIZER_FILE,
+    STATE_FILE,
+};
+pub use config::{NanPolicy, ScheduleKind, TrainConfig};
+pub use error::{Error, Result};
+pub use metrics::MetricsWriter;
+pub use optimizer::{Optimizer, Update};
+pub use schedule::LrSchedule;
+pub use trainer::{Accumulated, EvalStats, StepStats, Trainer};

@@ -1,0 +1,126 @@
+//! Checkpoint folders: `checkpoint-<step>/` with the adapter in PEFT format
+//! (`adapter_config.json`, `adapter_model.safetensors`, f32), the optimizer
+//! moments (`optimizer.safetensors`) and `trainer_state.json`. A folder is
+//! written under a temporary name and renamed, so a crash mid-write never
+//! leaves a folder named `checkpoint-<step>` that is incomplete.
+use std::path::{Path, PathBuf};
+
+use llmft_data::Cursor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::io;
+use crate::{Error, Result};
+
+/// Optimizer state file inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Trainer state file inside a checkpoint (written last).
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Format tag of `trainer_state.json`.
+pub const FORMAT: &str = "llmft-checkpoint-v1";
+const PREFIX: &str = "checkpoint-";
+const TMP_PREFIX: &str = "tmp-checkpoint-";
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Completed steps (the schedule's position).
+    pub step: u64,
+    /// Updates the optimizer applied (bias correction).
+    pub optimizer_step: u64,
+    /// Run seed (dropout masks derive from it and the step).
+    pub seed: u64,
+    /// Data loader position after the last step, if the loop recorded one.
+    pub cursor: Option<Cursor>,
+    /// Learning rate of the next step (informative).
+    pub next_lr: f32,
+}
+
+/// Writes a checkpoint for `state` into `output_dir/checkpoint-<step>`:
+/// `files` fills a temporary folder, `trainer_state.json` is written last,
+/// the folder renamed into place, and all but the newest `keep_last`
+/// checkpoints (0 = keep all) deleted.
+pub(crate) fn write(
+    output_dir: &Path,
+    state: &TrainerState,
+    keep_last: usize,
+    files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir).map_err(io(output_dir))?;
+    let tmp = output_dir.join(format!("{TMP_PREFIX}{}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    files(&tmp)?;
+    let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
+    let state_path = tmp.join(STATE_FILE);
+    std::fs::write(&state_path, json).map_err(io(&state_path))?;
+    for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+        let path = entry.map_err(io(&tmp))?.path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&path))?;
+    }
+    let dst = output_dir.join(format!("{PREFIX}{}", state.step));
+    if dst.exists() {
+        std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
+    }
+    std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    if keep_last > 0 {
+        let all = list(output_dir)?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {
+            std::fs::remove_dir_all(old).map_err(io(old))?;
+        }
+    }
+    Ok(dst)
+}
+
+/// Complete checkpoints under `output_dir` (named `checkpoint-<step>` and
+/// holding `trainer_state.json`), oldest first. Temporary folders of an
+/// interrupted write are ignored.
+pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    if !output_dir.exists() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(output_dir).map_err(io(output_dir))? {
+        let path = entry.map_err(io(output_dir))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(step) = step {
+            if path.join(STATE_FILE).is_file() {
+                out.push((step, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `output_dir`, if any.
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(output_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Reads `dir/trainer_state.json`; the error names the file.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(io(&path))?;
+    let state: TrainerState = serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    if state.format != FORMAT {
+        return Err(Error::Checkpoint {
+            path,
+            msg: format!("format {:?}, expected {FORMAT:?}", state.format),
+        });
+    }
+    Ok(state)
+}
