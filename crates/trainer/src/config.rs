@@ -28,10 +28,63 @@ pub enum NanPolicy {
     Stop,
 }
 
+/// What is trained, over which base: the named recipes of QLoRA-style
+/// fine-tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainType {
+    /// NF4 base (bitsandbytes layout) + LoRA.
+    Qlora,
+    /// HQQ 4-bit base + LoRA.
+    HqqLora,
+    /// HQQ 4-bit base + DoRA.
+    HqqDora,
+    /// NF4 base + DoRA.
+    BnbDora,
+    /// int8 (row-wise absmax) base + LoRA.
+    Int8Lora,
+    /// Dense base in the compute dtype + LoRA.
+    Lora,
+    /// Every weight trained (dense base, no adapter).
+    Full,
+    /// The last `freeze_trainable_layers` decoder layers trained, the rest
+    /// (embedding and head included) frozen; dense base, no adapter.
+    Freeze,
+}
+
+impl TrainType {
+    /// Whether the trainable parameters are adapters (else the base's own weights).
+    pub fn uses_adapter(self) -> bool {
+        !matches!(self, TrainType::Full | TrainType::Freeze)
+    }
+
+    /// Whether the adapters are DoRA.
+    pub fn dora(self) -> bool {
+        matches!(self, TrainType::HqqDora | TrainType::BnbDora)
+    }
+
+    /// The base-weight quantization this recipe implies: `nf4`, `hqq4`,
+    /// `int8` or `none`, as `model.quant` spells it.
+    pub fn quant_name(self) -> &'static str {
+        match self {
+            TrainType::Qlora | TrainType::BnbDora => "nf4",
+            TrainType::HqqLora | TrainType::HqqDora => "hqq4",
+            TrainType::Int8Lora => "int8",
+            TrainType::Lora | TrainType::Full | TrainType::Freeze => "none",
+        }
+    }
+}
+
 /// Hyperparameters and bookkeeping of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// The recipe: `qlora`, `hqq_lora`, `hqq_dora`, `bnb_dora`, `int8_lora`,
+    /// `lora`, `full` or `freeze`. Default "qlora".
+    pub train_type: TrainType,
+    /// With `train_type = "freeze"`: how many of the last decoder layers are
+    /// trained (LLaMA-Factory's `freeze_trainable_layers`). Default 2.
+    pub freeze_trainable_layers: usize,
     /// Peak learning rate. Default 2e-4.
     pub lr: f32,
     /// Decoupled AdamW weight decay (not applied to DoRA magnitudes). Default 0.0.
@@ -67,6 +120,15 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Write a metrics line every N steps. Default 1.
     pub log_every: u64,
+    /// Initial loss scale of f16 compute (dynamic: halved on overflow,
+    /// doubled after `loss_scale_window` clean steps). Unused for bf16/f32.
+    /// Default 65536.
+    pub init_loss_scale: f32,
+    /// Clean f16 steps before the loss scale doubles. Default 2000.
+    pub loss_scale_window: u64,
+    /// Also write the merged model (HF safetensors) at the end of a LoRA
+    /// run, to `output_dir/merged`. Default false.
+    pub export_merged: bool,
 }
 
 impl Default for TrainConfig {
@@ -89,6 +151,11 @@ impl Default for TrainConfig {
             output_dir: PathBuf::from("output"),
             eval_every: 0,
             log_every: 1,
+            train_type: TrainType::Qlora,
+            freeze_trainable_layers: 2,
+            init_loss_scale: 65536.0,
+            loss_scale_window: 2000,
+            export_merged: false,
         }
     }
 }
@@ -126,6 +193,15 @@ impl TrainConfig {
         }
         if self.log_every == 0 {
             return bad("log_every", "must be ≥ 1");
+        }
+        if self.train_type == TrainType::Freeze && self.freeze_trainable_layers == 0 {
+            return bad("freeze_trainable_layers", "must be ≥ 1 with train_type = \"freeze\"");
+        }
+        if !(self.init_loss_scale.is_finite() && self.init_loss_scale >= 1.0) {
+            return bad("init_loss_scale", "must be a finite number ≥ 1");
+        }
+        if self.loss_scale_window == 0 {
+            return bad("loss_scale_window", "must be ≥ 1");
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ pub use checkpoint::{
     latest_checkpoint, list as list_checkpoints, read_state, TrainerState, OPTIMIZER_FILE,
     STATE_FILE,
 };
-pub use config::{NanPolicy, ScheduleKind, TrainConfig};
+pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
 pub use error::{Error, Result};
 pub use metrics::MetricsWriter;
 pub use optimizer::{Optimizer, Update};
