@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use llmft_tensor::{cuda, cuda_device_count, Ctx};
 
+mod bench;
 mod config;
 
 #[derive(Parser)]
@@ -90,6 +91,8 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// End-to-end training benchmark on random weights of a named model shape.
+    Bench(bench::BenchArgs),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -387,6 +390,7 @@ fn main() -> ExitCode {
     let result =
         match cli.command.unwrap_or(Command::Train(ConfigArgs::default())) {
             Command::Env => env_report(),
+            Command::Bench(args) => bench::run(&args),
             Command::Config {
                 action: ConfigAction::Show(args),
             } => config::Loaded::load(args.config.as_deref(), &args.set)

@@ -1,0 +1,358 @@
+//! `llmft bench`: the end-to-end training benchmark. A random-weight model of
+//! a named real shape is trained for a few steps with the real trainer
+//! (forward + backward of every micro-batch, the AdamW update) on random
+//! tokens; one JSON object reports throughput, model FLOPs utilisation
+//! against a GEMM measured on the same device, and peak memory.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use llmft_models::{Model, ModelBatch, ModelConfig};
+use llmft_tensor::ops::{self, Gemm};
+use llmft_tensor::{Ctx, DType, Tensor};
+use llmft_trainer::{ScheduleKind, TrainConfig, TrainType, Trainer};
+use serde_json::json;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The recipes `--train-type` accepts, as `train.train_type` spells them.
+const TRAIN_TYPES: &str = "qlora, lora, hqq_lora, hqq_dora, bnb_dora, int8_lora, full, freeze";
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model shape: a preset (llama3-8b, llama3-70b, llama2-7b, llama2-70b,
+    /// qwen2.5-7b, qwen3-8b) or `tiny` (a 2-layer Llama small enough for CPU runs).
+    #[arg(long, default_value = "llama3-8b")]
+    model: String,
+    /// Override the number of decoder layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Recipe: qlora, lora, hqq_lora, hqq_dora, bnb_dora, int8_lora, full, freeze.
+    #[arg(long, default_value = "qlora")]
+    train_type: String,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Gradient checkpointing (true|false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    checkpointing: bool,
+    /// Optimizer steps run, warm-up included.
+    #[arg(long, default_value_t = 12)]
+    steps: usize,
+    /// Steps left out of the medians (kernel compilation, GEMM heuristics, cache growth).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// `auto`, `cpu` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute dtype: bf16, f16, f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Edge of the square GEMM timed as the ceiling (default 8192 on a GPU,
+    /// 256 on the CPU; 0 skips it).
+    #[arg(long)]
+    gemm_size: Option<usize>,
+    /// Seed of the weights, adapters and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the JSON object to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Runs the benchmark and prints its JSON object.
+pub fn run(a: &BenchArgs) -> Result<(), String> {
+    let train_type = train_type_of(&a.train_type)?;
+    let mut config = model_shape(&a.model)?;
+    if let Some(l) = a.layers {
+        if l == 0 {
+            return Err("--layers must be at least 1".into());
+        }
+        config.num_layers = l;
+    }
+    for (flag, v) in [
+        ("--seq", a.seq),
+        ("--micro-batch", a.micro_batch),
+        ("--grad-accum", a.grad_accum),
+        ("--lora-r", a.lora_r),
+    ] {
+        if v == 0 {
+            return Err(format!("{flag} must be at least 1"));
+        }
+    }
+    if a.steps <= a.warmup {
+        return Err(format!(
+            "--steps ({}) must exceed --warmup ({}): the medians need at least one timed step",
+            a.steps, a.warmup
+        ));
+    }
+    let ctx = crate::device_ctx(&a.device)?;
+    let dtype = crate::dtype_for(&a.dtype, &ctx).map_err(|e| e.replace("model.dtype", "--dtype"))?;
+    let cu = ctx.cuda_ctx();
+    let device_name = cu.map(|c| c.name()).unwrap_or_else(|| "cpu".into());
+
+    let gemm_n = a.gemm_size.unwrap_or(if cu.is_some() { 8192 } else { 256 });
+    let ceiling = if gemm_n > 0 {
+        Some(gemm_ceiling(&ctx, dtype, gemm_n).map_err(|e| format!("GEMM ceiling: {e}"))?)
+    } else {
+        None
+    };
+
+    // The weights: quantized while they are drawn, one tensor at a time.
+    let quant = crate::quant_of(train_type.quant_name())?;
+    let t_load = Instant::now();
+    let mut model = Model::random_quantized(config.clone(), &ctx, dtype, a.seed, quant.as_ref())
+        .map_err(|e| format!("building the random {} model: {e}", a.model))?;
+    model.checkpointing = a.checkpointing;
+    let mut trainable = 0usize;
+    if train_type.uses_adapter() {
+        let lora = serde_json::from_value(json!({
+            "r": a.lora_r,
+            "lora_alpha": a.lora_alpha,
+            "lora_dropout": 0.0,
+            "target_modules": "all-linear",
+            "use_dora": train_type.dora(),
+        }))
+        .map_err(|e| format!("LoRA config: {e}"))?;
+        let adapter = model
+            .new_adapter(lora, a.seed)
+            .map_err(|e| format!("creating the adapter: {e}"))?;
+        trainable = adapter.num_parameters();
+        model.attach_adapter(adapter);
+    }
+    ctx.synchronize().map_err(|e| e.to_string())?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let weights_bytes = cu.map(|c| c.allocator().stats().in_use);
+
+    let train = TrainConfig {
+        train_type,
+        max_steps: a.steps as u64,
+        grad_accum: a.grad_accum,
+        schedule: ScheduleKind::Constant,
+        checkpoint_every: 0,
+        seed: a.seed,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(train, &model)
+        .map_err(|e| format!("--train-type {}: {e}", a.train_type))?;
+
+    let tokens_per_micro = a.micro_batch * a.seq;
+    let mut rng = a.seed ^ 0x5EED_0F_70CE_u64;
+    let mut step_ms = Vec::with_capacity(a.steps);
+    let mut fwd_bwd_ms = Vec::with_capacity(a.steps);
+    let mut optim_ms = Vec::with_capacity(a.steps);
+    let mut losses = Vec::with_capacity(a.steps);
+    let mut device_used_max = 0usize;
+    for _ in 0..a.steps {
+        let mut micro = (0..a.grad_accum)
+            .map(|_| {
+                let ids: Vec<i32> = (0..tokens_per_micro)
+                    .map(|_| (next_u64(&mut rng) % config.vocab_size as u64) as i32)
+                    .collect();
+                ModelBatch::from_host(&ctx, a.micro_batch, a.seq, &ids, None, None, None)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        ctx.synchronize().map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let acc = trainer
+            .accumulate(&model, &mut micro)
+            .map_err(|e| step_error(&e.to_string(), a))?;
+        ctx.synchronize().map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let stats = trainer
+            .apply(&mut model, acc)
+            .map_err(|e| step_error(&e.to_string(), a))?;
+        ctx.synchronize().map_err(|e| e.to_string())?;
+        let t2 = Instant::now();
+        fwd_bwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        optim_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+        losses.push(stats.loss);
+        if let Some(c) = cu {
+            let (free, total) = c.mem_info().map_err(|e| e.to_string())?;
+            device_used_max = device_used_max.max(total - free);
+        }
+    }
+
+    let timed = a.warmup..a.steps;
+    let step_med = median(&step_ms[timed.clone()]);
+    let tokens_per_step = tokens_per_micro * a.grad_accum;
+    let tokens_per_s = tokens_per_step as f64 / (step_med / 1e3);
+    let flops = Flops::of(&config, &model, train_type, trainable, a.seq);
+    let achieved = |per_token: f64| per_token * tokens_per_s / 1e12;
+    let mfu = |per_token: f64| ceiling.map(|c| achieved(per_token) / c);
+    let alloc = cu.map(|c| c.allocator().stats());
+    let out = json!({
+        "impl": "llmft",
+        "model": a.model,
+        "layers": config.num_layers,
+        "train_type": a.train_type,
+        "seq": a.seq,
+        "micro_batch": a.micro_batch,
+        "grad_accum": a.grad_accum,
+        "checkpointing": a.checkpointing,
+        "lora_r": a.lora_r,
+        "lora_alpha": a.lora_alpha,
+        "dtype": a.dtype,
+        "device": device_name,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_s,
+        "step_ms_median": step_med,
+        "fwd_bwd_ms_median": median(&fwd_bwd_ms[timed.clone()]),
+        "optimizer_ms_median": median(&optim_ms[timed]),
+        "step_ms": step_ms,
+        "loss_first": losses.first(),
+        "loss_last": losses.last(),
+        "params_matmul": flops.n_matmul,
+        "params_trainable": trainable,
+        "flops_formula": "flops_per_token = 6*N + 12*L*q_dim*seq (N = decoder linear + LM head weights; the PaLM-style count used for MFU); flops_per_token_frozen_base = 4*(N - N_trainable) + 6*N_trainable + 12*L*q_dim*seq (no weight gradients of a frozen base); recompute under checkpointing not counted",
+        "flops_per_token": flops.standard,
+        "flops_per_token_frozen_base": flops.frozen_base,
+        "achieved_tflops": achieved(flops.standard),
+        "gemm_size": gemm_n,
+        "gemm_ceiling_tflops": ceiling,
+        "mfu": mfu(flops.standard),
+        "mfu_frozen_base": mfu(flops.frozen_base),
+        "peak_gib": alloc.map(|s| s.peak_in_use as f64 / GIB),
+        "weights_gib": weights_bytes.map(|b| b as f64 / GIB),
+        "allocator_cached_gib": alloc.map(|s| s.cached as f64 / GIB),
+        "device_used_gib": cu.map(|_| device_used_max as f64 / GIB),
+        "load_s": load_s,
+    });
+    let text = out.to_string();
+    println!("{text}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, format!("{text}\n")).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// A training-step error, with what to lower when it is an out-of-memory.
+fn step_error(e: &str, a: &BenchArgs) -> String {
+    if e.contains("out of memory") {
+        format!(
+            "{e}; lower --micro-batch ({}) or --seq ({}), or use --checkpointing true",
+            a.micro_batch, a.seq
+        )
+    } else {
+        e.to_string()
+    }
+}
+
+fn train_type_of(name: &str) -> Result<TrainType, String> {
+    serde_json::from_value(json!(name))
+        .map_err(|_| format!("--train-type `{name}` is not one of {TRAIN_TYPES}"))
+}
+
+/// A preset, or `tiny`: a 2-layer Llama whose every shape is a multiple of
+/// the quantizers' block sizes, for CPU runs and tests.
+fn model_shape(name: &str) -> Result<ModelConfig, String> {
+    if name == "tiny" {
+        let mut c = ModelConfig::preset("llama3-8b").map_err(|e| e.to_string())?;
+        c.vocab_size = 512;
+        c.hidden_size = 128;
+        c.intermediate_size = 256;
+        c.num_layers = 2;
+        c.num_heads = 4;
+        c.num_kv_heads = 2;
+        c.head_dim = 32;
+        return Ok(c);
+    }
+    ModelConfig::preset(name).map_err(|_| {
+        format!(
+            "--model `{name}` is not a known model shape (llama3-8b, llama3-70b, llama2-7b, \
+             llama2-70b, qwen2.5-7b, qwen3-8b, or tiny)"
+        )
+    })
+}
+
+/// Model FLOPs per trained token.
+struct Flops {
+    n_matmul: usize,
+    standard: f64,
+    frozen_base: f64,
+}
+
+impl Flops {
+    fn of(c: &ModelConfig, model: &Model, tt: TrainType, adapter: usize, seq: usize) -> Self {
+        let linears: usize = model
+            .linear_shapes()
+            .values()
+            .map(|s| s.in_features * s.out_features)
+            .sum();
+        let n = linears + c.vocab_size * c.hidden_size;
+        let per_layer = linears / c.num_layers.max(1);
+        let n_trainable = match tt {
+            TrainType::Full => n,
+            TrainType::Freeze => per_layer * c.num_layers.min(2),
+            _ => adapter,
+        };
+        let attn = 12.0 * (c.num_layers * c.q_dim() * seq) as f64;
+        let n_frozen = n.saturating_sub(if tt.uses_adapter() { 0 } else { n_trainable });
+        Self {
+            n_matmul: n,
+            standard: 6.0 * n as f64 + attn,
+            frozen_base: 4.0 * n_frozen as f64 + 6.0 * n_trainable as f64 + attn,
+        }
+    }
+}
+
+/// TFLOP/s of a square `n³` GEMM in `dtype` (f32 accumulate): the best of
+/// three timed rounds of 5 after 3 warm-ups.
+fn gemm_ceiling(ctx: &Ctx, dtype: DType, n: usize) -> llmft_tensor::Result<f64> {
+    let mut a = Tensor::empty(ctx, dtype, &[n, n])?;
+    let mut b = Tensor::empty(ctx, dtype, &[n, n])?;
+    ops::fill_normal(ctx, &mut a, 1, 0.0, 1.0)?;
+    ops::fill_normal(ctx, &mut b, 2, 0.0, 1.0)?;
+    let mut c = Tensor::empty(ctx, dtype, &[n, n])?;
+    let reps = if ctx.cuda_ctx().is_some() { 5 } else { 1 };
+    for _ in 0..3 {
+        ops::gemm(ctx, &a, &b, &mut c, Gemm::default())?;
+    }
+    ctx.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            ops::gemm(ctx, &a, &b, &mut c, Gemm::default())?;
+        }
+        ctx.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e12)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// splitmix64: random token ids.
+fn next_u64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
