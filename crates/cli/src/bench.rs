@@ -99,7 +99,12 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         ));
     }
     let ctx = crate::device_ctx(&a.device)?;
-    let dtype = crate::dtype_for(&a.dtype, &ctx).map_err(|e| e.replace("model.dtype", "--dtype"))?;
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        other => return Err(format!("--dtype `{other}` is not one of bf16, f16, f32")),
+    };
     let cu = ctx.cuda_ctx();
     let device_name = cu.map(|c| c.name()).unwrap_or_else(|| "cpu".into());
 
