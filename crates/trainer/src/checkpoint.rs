@@ -1,6 +1,8 @@
-//! Checkpoint folders: `checkpoint-<step>/` with the adapter in PEFT format
-//! (`adapter_config.json`, `adapter_model.safetensors`, f32), the optimizer
-//! moments (`optimizer.safetensors`) and `trainer_state.json`. A folder is
+//! Checkpoint folders: `checkpoint-<step>/` with the trained parameters —
+//! the adapter in PEFT format (`adapter_config.json`,
+//! `adapter_model.safetensors`, f32) or, for full / freeze training, the
+//! trained weights (`model.safetensors`, f32, Hugging Face names) — the
+//! optimizer moments (`optimizer.safetensors`) and `trainer_state.json`. A folder is
 //! written under a temporary name and renamed, so a crash mid-write never
 //! leaves a folder named `checkpoint-<step>` that is incomplete.
 use std::path::{Path, PathBuf};
@@ -9,8 +11,10 @@ use llmft_data::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::io;
-use crate::{Error, Result};
+use crate::{Error, Result, TrainType};
 
+/// Trained model weights of a full / freeze checkpoint.
+pub const MODEL_FILE: &str = "model.safetensors";
 /// Optimizer state file inside a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Trainer state file inside a checkpoint (written last).
@@ -36,6 +40,15 @@ pub struct TrainerState {
     pub cursor: Option<Cursor>,
     /// Learning rate of the next step (informative).
     pub next_lr: f32,
+    /// The run's train type (absent in older states).
+    #[serde(default)]
+    pub train_type: Option<TrainType>,
+    /// The f16 loss scale for the next step; `None` unless f16.
+    #[serde(default)]
+    pub loss_scale: Option<f32>,
+    /// Clean f16 steps since the loss scale last changed.
+    #[serde(default)]
+    pub loss_scale_clean_steps: u64,
 }
 
 /// Writes a checkpoint for `state` into `output_dir/checkpoint-<step>`:
@@ -123,4 +136,35 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
         });
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_without_the_newer_fields_still_load() {
+        let dir = std::env::temp_dir().join(format!("llmft-state-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(STATE_FILE),
+            r#"{"format": "llmft-checkpoint-v1", "step": 4, "optimizer_step": 3, "seed": 42,
+                "cursor": null, "next_lr": 0.001}"#,
+        )
+        .unwrap();
+        let s = read_state(&dir).unwrap();
+        assert_eq!((s.step, s.optimizer_step, s.train_type), (4, 3, None));
+        assert_eq!((s.loss_scale, s.loss_scale_clean_steps), (None, 0));
+        std::fs::write(
+            dir.join(STATE_FILE),
+            r#"{"format": "llmft-checkpoint-v1", "step": 4, "optimizer_step": 3, "seed": 42,
+                "cursor": null, "next_lr": 0.001, "train_type": "freeze",
+                "loss_scale": 1024.0, "loss_scale_clean_steps": 7}"#,
+        )
+        .unwrap();
+        let s = read_state(&dir).unwrap();
+        assert_eq!(s.train_type, Some(TrainType::Freeze));
+        assert_eq!((s.loss_scale, s.loss_scale_clean_steps), (Some(1024.0), 7));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

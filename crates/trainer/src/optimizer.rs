@@ -1,10 +1,12 @@
-//! AdamW with f32 moments over named f32 master parameters, with global-norm
-//! clipping and the non-finite check of a step.
+//! AdamW with f32 moments over named f32 master parameters (an adapter's,
+//! or f32 copies of the model's own weights for full / freeze training),
+//! with global-norm clipping, the non-finite check of a step and f16
+//! dynamic loss scaling.
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use llmft_lora::Adapter;
-use llmft_models::Grads;
+use llmft_models::{Grads, Model};
 use llmft_tensor::ops::{self, AdamWParams};
 use llmft_tensor::{Ctx, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -22,13 +24,86 @@ struct Moments {
     v: Tensor,
 }
 
+/// The f32 master of one of the model's own weights.
+#[derive(Debug)]
+struct Master {
+    /// The model unit whose blob holds the weight.
+    unit: usize,
+    /// The f32 values the optimizer updates.
+    value: Tensor,
+    /// `value` is the model's f32 blob view itself (updated in place); else
+    /// it is a copy, cast into the blob after each update.
+    in_place: bool,
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Update {
-    /// Global L2 norm of the gradients before clipping.
+    /// Global L2 norm of the gradients before clipping (unscaled).
     pub grad_norm: f32,
     /// The step was skipped for a non-finite loss or gradient norm.
     pub skipped: bool,
+    /// The gradients overflowed under loss scaling (skipped; the scale
+    /// should back off). Not a non-finite step in the sense of the NaN policy.
+    pub overflow: bool,
+}
+
+/// Whether a weight of the model is decayed: norm weights and biases are
+/// not (as transformers' Trainer and LLaMA-Factory group them).
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with("norm.weight") || name.ends_with(".bias"))
+}
+
+/// Dynamic loss scaling of f16 training, as PyTorch's `GradScaler`: the loss
+/// is multiplied by `scale` before backward; a step whose gradients
+/// overflow is skipped and the scale halved; after `window` clean steps in a
+/// row it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// Current scale.
+    pub scale: f32,
+    /// Clean steps since the last change of the scale.
+    pub clean_steps: u64,
+    /// Clean steps before the scale doubles.
+    pub window: u64,
+}
+
+impl LossScale {
+    /// A scaler starting at `init` that doubles after `window` clean steps.
+    pub fn new(init: f32, window: u64) -> Self {
+        Self {
+            scale: init,
+            clean_steps: 0,
+            window,
+        }
+    }
+
+    /// Accounts for one step: back off (×0.5) on overflow, else count it and
+    /// grow (×2) once `window` clean steps are reached.
+    pub fn update(&mut self, overflow: bool) {
+        if overflow {
+            self.scale *= 0.5;
+            self.clean_steps = 0;
+        } else {
+            self.clean_steps += 1;
+            if self.clean_steps >= self.window {
+                let grown = self.scale * 2.0;
+                if grown.is_finite() {
+                    self.scale = grown;
+                }
+                self.clean_steps = 0;
+            }
+        }
+    }
+}
+
+/// The outcome of the checks before an update.
+struct Verdict {
+    grad_norm: f32,
+    finite: bool,
+    overflow: bool,
+    /// Clip coefficient times the loss-scale undo, applied to every gradient.
+    grad_scale: f32,
 }
 
 /// AdamW (PyTorch's order: decay, moments, bias-corrected update) with
@@ -45,6 +120,8 @@ pub struct Optimizer {
     /// Updates applied (skipped steps excluded); drives bias correction.
     step: u64,
     state: BTreeMap<String, Moments>,
+    /// f32 masters of the model's own trainable weights, by HF name.
+    masters: BTreeMap<String, Master>,
 }
 
 impl Optimizer {
@@ -59,6 +136,7 @@ impl Optimizer {
             nan_policy: c.nan_policy,
             step: 0,
             state: BTreeMap::new(),
+            masters: BTreeMap::new(),
         }
     }
 
@@ -67,10 +145,111 @@ impl Optimizer {
         self.step
     }
 
+    /// Trains the model's own weights `names` (each with the unit whose blob
+    /// holds it): keeps an f32 master of each — the blob view itself for f32
+    /// blobs, else an f32 copy written back after every update.
+    pub fn track_weights(&mut self, model: &Model, names: &[(usize, String)]) -> Result<()> {
+        let ctx = model.ctx();
+        for (unit, name) in names {
+            let view = model.unit(*unit)?.get(name)?;
+            let (value, in_place) = if view.dtype() == DType::F32 {
+                (view, true)
+            } else {
+                let mut m = Tensor::zeros(ctx, DType::F32, view.shape())?;
+                ops::cast(ctx, &view, &mut m)?;
+                (m, false)
+            };
+            self.masters.insert(
+                name.clone(),
+                Master {
+                    unit: *unit,
+                    value,
+                    in_place,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Names of the model weights trained (empty for adapter training).
+    pub fn weight_names(&self) -> impl Iterator<Item = &str> {
+        self.masters.keys().map(String::as_str)
+    }
+
+    /// The f32 master of model weight `name`, if trained.
+    pub fn master(&self, name: &str) -> Option<&Tensor> {
+        self.masters.get(name).map(|m| &m.value)
+    }
+
+    /// Norm, finiteness and the gradient factor of a step. With `loss_scale`
+    /// the gradients are of the scaled loss: the norm is reported unscaled
+    /// and the factor undoes the scale.
+    fn verdict(
+        &self,
+        ctx: &Ctx,
+        grads: &[&Tensor],
+        loss: f64,
+        loss_scale: Option<f32>,
+    ) -> Result<Verdict> {
+        let raw = ops::global_grad_norm(ctx, grads)?;
+        let (grad_norm, unscale) = match loss_scale {
+            None => (raw, None),
+            Some(s) => {
+                let inv = 1.0 / s;
+                (raw * inv, Some(inv))
+            }
+        };
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        let clip = if self.max_grad_norm > 0.0 {
+            (self.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        Ok(Verdict {
+            grad_norm,
+            finite,
+            overflow: loss_scale.is_some() && !grad_norm.is_finite(),
+            grad_scale: unscale.map_or(clip, |inv| clip * inv),
+        })
+    }
+
+    /// The error a non-finite step gives under `nan_policy = "stop"`, if it
+    /// does. A gradient overflow under loss scaling with a finite loss is
+    /// the scaler's business, not the policy's.
+    fn policy(&self, v: &Verdict, loss: f64, step: u64) -> Result<Update> {
+        let nan = !loss.is_finite() || (!v.grad_norm.is_finite() && !v.overflow);
+        if nan && self.nan_policy == NanPolicy::Stop {
+            return Err(Error::NonFinite {
+                step,
+                loss,
+                grad_norm: v.grad_norm,
+            });
+        }
+        Ok(Update {
+            grad_norm: v.grad_norm,
+            skipped: !v.finite,
+            overflow: v.overflow,
+        })
+    }
+
+    fn hparams(&self, lr: f32, grad_scale: f32, decay: bool) -> AdamWParams {
+        AdamWParams {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: if decay { self.weight_decay } else { 0.0 },
+            step: self.step,
+            grad_scale,
+        }
+    }
+
     /// One step over every adapter parameter with learning rate `lr`, given
     /// the step's loss (checked for non-finite values with the gradient
-    /// norm). `step` (1-based) only names the step in errors. Gradients are
+    /// norm). `loss_scale` is the f16 loss scale the gradients carry, if
+    /// any. `step` (1-based) only names the step in errors. Gradients are
     /// zeroed afterwards, also when the step is skipped.
+    #[allow(clippy::too_many_arguments)]
     pub fn step_adapter(
         &mut self,
         ctx: &Ctx,
@@ -79,22 +258,17 @@ impl Optimizer {
         loss: f64,
         lr: f32,
         step: u64,
+        loss_scale: Option<f32>,
     ) -> Result<Update> {
-        let grad_norm = {
+        let verdict = {
             let all: Vec<&Tensor> = grads
                 .lora_all()
                 .values()
                 .flat_map(|g| g.tensors())
                 .collect();
-            ops::global_grad_norm(ctx, &all)?
+            self.verdict(ctx, &all, loss, loss_scale)?
         };
-        let finite = loss.is_finite() && grad_norm.is_finite();
-        if finite {
-            let grad_scale = if self.max_grad_norm > 0.0 {
-                (self.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
-            } else {
-                1.0
-            };
+        if verdict.finite {
             self.step += 1;
             for (module, layer) in adapter.layers.iter_mut() {
                 let g = grads.lora(module).ok_or_else(|| {
@@ -102,97 +276,124 @@ impl Optimizer {
                 })?;
                 for (i, (p, g)) in layer.params_mut().into_iter().zip(g.tensors()).enumerate() {
                     // DoRA magnitudes are norm-like scales: no decay.
-                    let decay = i < 2;
+                    let hp = self.hparams(lr, verdict.grad_scale, i < 2);
                     let name = format!("{module}.{}", LORA_PARTS[i]);
-                    self.update(ctx, &name, p, g, lr, grad_scale, decay)?;
+                    adamw(ctx, &mut self.state, &name, p, g, &hp)?;
                 }
             }
         }
-        let names: Vec<String> = grads.lora_all().keys().cloned().collect();
-        for n in names {
-            if let Some(g) = grads.lora_mut(&n) {
-                g.zero(ctx)?;
-            }
-        }
-        if !finite && self.nan_policy == NanPolicy::Stop {
-            return Err(Error::NonFinite {
-                step,
-                loss,
-                grad_norm,
-            });
-        }
-        Ok(Update {
-            grad_norm,
-            skipped: !finite,
-        })
+        zero_grads(ctx, grads)?;
+        self.policy(&verdict, loss, step)
     }
 
-    /// Applies the current step's update to one parameter (moments are created
-    /// zeroed on first use).
+    /// One step over the model's trained weights (see
+    /// [`Optimizer::track_weights`]): AdamW on the f32 masters (no decay on
+    /// norm weights and biases), then the new values written into the
+    /// model's blobs. Arguments and checks as in [`Optimizer::step_adapter`].
     #[allow(clippy::too_many_arguments)]
-    fn update(
+    pub fn step_weights(
         &mut self,
-        ctx: &Ctx,
-        name: &str,
-        param: &mut Tensor,
-        grad: &Tensor,
+        model: &Model,
+        grads: &mut Grads,
+        loss: f64,
         lr: f32,
-        grad_scale: f32,
-        decay: bool,
-    ) -> Result<()> {
-        if !self.state.contains_key(name) {
-            let m = Tensor::zeros(ctx, DType::F32, param.shape())?;
-            let v = Tensor::zeros(ctx, DType::F32, param.shape())?;
-            self.state.insert(name.to_string(), Moments { m, v });
-        }
-        let s = self.state.get_mut(name).expect("inserted above");
-        if s.m.shape() != param.shape() {
-            return Err(Error::Config(format!(
-                "optimizer state of {name} has shape {:?}, but the parameter has {:?}",
-                s.m.shape(),
-                param.shape()
-            )));
-        }
-        let hp = AdamWParams {
-            lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: if decay { self.weight_decay } else { 0.0 },
-            step: self.step,
-            grad_scale,
+        step: u64,
+        loss_scale: Option<f32>,
+    ) -> Result<Update> {
+        let ctx = model.ctx();
+        let verdict = {
+            let mut all = Vec::with_capacity(self.masters.len());
+            for name in self.masters.keys() {
+                all.push(grads.get(name).ok_or_else(|| {
+                    Error::Config(format!("no gradients tracked for weight {name}"))
+                })?);
+            }
+            self.verdict(ctx, &all, loss, loss_scale)?
         };
-        ops::adamw_step(ctx, param, grad, &mut s.m, &mut s.v, &hp, None)?;
-        Ok(())
+        if verdict.finite {
+            self.step += 1;
+            let hps: Vec<AdamWParams> = self
+                .masters
+                .keys()
+                .map(|n| self.hparams(lr, verdict.grad_scale, decays(n)))
+                .collect();
+            for ((name, m), hp) in self.masters.iter_mut().zip(&hps) {
+                let g = grads.get(name).expect("checked above");
+                adamw(ctx, &mut self.state, name, &mut m.value, g, hp)?;
+                if !m.in_place {
+                    let mut dst = model.unit(m.unit)?.get(name)?;
+                    ops::cast(ctx, &m.value, &mut dst)?;
+                }
+            }
+        }
+        zero_grads(ctx, grads)?;
+        self.policy(&verdict, loss, step)
     }
 
     /// Writes the moments and step counter as safetensors (`<param>.exp_avg`,
     /// `<param>.exp_avg_sq`, metadata `step`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut tensors = Vec::new();
         for (name, s) in &self.state {
             for (suffix, t) in [("exp_avg", &s.m), ("exp_avg_sq", &s.v)] {
-                let bytes: Vec<u8> = t
-                    .to_f32_vec()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                owned.push((format!("{name}.{suffix}"), t.shape().to_vec(), bytes));
+                tensors.push((format!("{name}.{suffix}"), t));
             }
         }
+        let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
+        write_f32_safetensors(path, &tensors, meta)
+    }
+
+    /// Writes the f32 masters of the trained model weights under their
+    /// Hugging Face names (`model.safetensors` of a full / freeze checkpoint).
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, &Tensor)> = self
+            .masters
+            .iter()
+            .map(|(n, m)| (n.clone(), &m.value))
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_f32_safetensors(path, &tensors, meta)
+    }
+
+    /// Restores the masters [`Optimizer::save_weights`] wrote, and the
+    /// model's blobs with them. The file must hold exactly the trained
+    /// weights, f32, in their shapes; else the error names `path`.
+    pub fn load_weights(&mut self, model: &Model, path: &Path) -> Result<()> {
         let err = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
-        let mut views = Vec::with_capacity(owned.len());
-        for (k, shape, b) in &owned {
-            let v =
-                TensorView::new(StDtype::F32, shape.clone(), b).map_err(|e| err(e.to_string()))?;
-            views.push((k.clone(), v));
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot be read: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
+        if let Some(extra) = st
+            .names()
+            .into_iter()
+            .find(|n| !self.masters.contains_key(*n))
+        {
+            return Err(err(format!(
+                "holds {extra}, which this run does not train (another train_type?)"
+            )));
         }
-        let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
-        std::fs::write(path, bytes).map_err(crate::error::io(path))
+        let ctx = model.ctx();
+        for (name, m) in self.masters.iter_mut() {
+            let view = st
+                .tensor(name)
+                .map_err(|_| err(format!("{name} is missing")))?;
+            if view.dtype() != StDtype::F32 || view.shape() != m.value.shape() {
+                return Err(err(format!(
+                    "{name} is {:?} {:?}, expected F32 {:?}",
+                    view.dtype(),
+                    view.shape(),
+                    m.value.shape()
+                )));
+            }
+            m.value.copy_from_host_bytes(ctx, view.data())?;
+            if !m.in_place {
+                let mut dst = model.unit(m.unit)?.get(name)?;
+                ops::cast(ctx, &m.value, &mut dst)?;
+            }
+        }
+        Ok(())
     }
 
     /// Restores the moments and step counter [`Optimizer::save`] wrote onto
@@ -254,5 +455,116 @@ impl Optimizer {
         self.step = step;
         self.state = state;
         Ok(())
+    }
+}
+
+/// Applies one AdamW update to `param` (moments created zeroed on first use).
+fn adamw(
+    ctx: &Ctx,
+    state: &mut BTreeMap<String, Moments>,
+    name: &str,
+    param: &mut Tensor,
+    grad: &Tensor,
+    hp: &AdamWParams,
+) -> Result<()> {
+    if !state.contains_key(name) {
+        let m = Tensor::zeros(ctx, DType::F32, param.shape())?;
+        let v = Tensor::zeros(ctx, DType::F32, param.shape())?;
+        state.insert(name.to_string(), Moments { m, v });
+    }
+    let s = state.get_mut(name).expect("inserted above");
+    if s.m.shape() != param.shape() {
+        return Err(Error::Config(format!(
+            "optimizer state of {name} has shape {:?}, but the parameter has {:?}",
+            s.m.shape(),
+            param.shape()
+        )));
+    }
+    ops::adamw_step(ctx, param, grad, &mut s.m, &mut s.v, hp, None)?;
+    Ok(())
+}
+
+/// Zeroes every gradient buffer (adapter and model weights).
+fn zero_grads(ctx: &Ctx, grads: &mut Grads) -> Result<()> {
+    let lora: Vec<String> = grads.lora_all().keys().cloned().collect();
+    for n in lora {
+        if let Some(g) = grads.lora_mut(&n) {
+            g.zero(ctx)?;
+        }
+    }
+    let dense: Vec<String> = grads.names().cloned().collect();
+    for n in dense {
+        if let Some(g) = grads.get_mut(&n) {
+            ops::fill(ctx, g, 0.0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes f32 tensors as one safetensors file with `meta`.
+fn write_f32_safetensors<S: AsRef<str>>(
+    path: &Path,
+    tensors: &[(S, &Tensor)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let err = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let bytes: Vec<u8> = t
+            .to_f32_vec()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        owned.push((name.as_ref().to_string(), t.shape().to_vec(), bytes));
+    }
+    let mut views = Vec::with_capacity(owned.len());
+    for (k, shape, b) in &owned {
+        let v = TensorView::new(StDtype::F32, shape.clone(), b).map_err(|e| err(e.to_string()))?;
+        views.push((k.clone(), v));
+    }
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(crate::error::io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norms_and_biases_are_not_decayed() {
+        for name in [
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+            "model.layers.0.self_attn.k_proj.bias",
+        ] {
+            assert!(!decays(name), "{name}");
+        }
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ] {
+            assert!(decays(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn loss_scale_backs_off_and_grows_like_grad_scaler() {
+        let mut s = LossScale::new(1024.0, 3);
+        s.update(true);
+        assert_eq!((s.scale, s.clean_steps), (512.0, 0));
+        s.update(false);
+        s.update(false);
+        assert_eq!((s.scale, s.clean_steps), (512.0, 2));
+        s.update(false);
+        assert_eq!((s.scale, s.clean_steps), (1024.0, 0));
+        s.update(false);
+        s.update(true);
+        assert_eq!((s.scale, s.clean_steps), (512.0, 0));
     }
 }

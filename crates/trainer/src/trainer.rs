@@ -1,16 +1,19 @@
 //! The training step as a readable recipe: accumulate gradients over the
 //! micro-batches of a step with the loss normalized by the step's trained
-//! tokens, then clip, check for non-finite values and update.
+//! tokens, then clip, check for non-finite values and update — an attached
+//! adapter (LoRA / DoRA types) or the model's own weights (`full`, `freeze`).
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use llmft_data::Cursor;
 use llmft_lora::Adapter;
 use llmft_models::{Grads, Model, ModelBatch};
+use llmft_tensor::DType;
 use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::{Error, LrSchedule, Optimizer, Result, TrainConfig};
+use crate::optimizer::LossScale;
+use crate::{Error, LrSchedule, Optimizer, Result, TrainConfig, TrainType};
 
 /// What one optimizer step did (one metrics line).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -27,8 +30,14 @@ pub struct StepStats {
     pub tokens: usize,
     /// Trained tokens per second of wall time of the step.
     pub tokens_per_s: f64,
-    /// The update was skipped (non-finite loss or gradient norm).
+    /// The update was skipped (non-finite loss or gradient norm, or an f16
+    /// gradient overflow).
     pub skipped: bool,
+    /// The f16 gradients overflowed: the step was skipped and the loss scale
+    /// halved (expected now and then; not a NaN-policy event).
+    pub overflow: bool,
+    /// The f16 loss scale this step's backward used; `None` unless f16.
+    pub loss_scale: Option<f32>,
 }
 
 /// Loss over an evaluation set.
@@ -52,7 +61,8 @@ pub struct Accumulated {
     started: Instant,
 }
 
-/// LoRA / DoRA training of a model's attached adapter.
+/// Training of a model's attached adapter (LoRA / DoRA train types) or of
+/// its own weights (`full`, `freeze`).
 pub struct Trainer {
     config: TrainConfig,
     schedule: LrSchedule,
@@ -61,25 +71,89 @@ pub struct Trainer {
     /// Completed steps (skipped ones included: their data was consumed).
     step: u64,
     cursor: Option<Cursor>,
+    /// Dynamic loss scaling, for f16 models only.
+    scaler: Option<LossScale>,
+}
+
+/// The model weights `train_type` trains, with the unit holding each:
+/// every tensor of every unit for `full`; those of the last `n` decoder
+/// layers (`model.layers.{i}.*`, i ≥ L − n) for `freeze`. The base must be
+/// dense and carry no adapter; the errors name `train_type`.
+fn trainable_weights(config: &TrainConfig, model: &Model) -> Result<Vec<(usize, String)>> {
+    let tt = type_name(config.train_type);
+    if model.adapter().is_some() {
+        return Err(Error::Config(format!(
+            "train_type = \"{tt}\" trains the model's own weights, but an adapter is \
+             attached (adapters are trained by train_type = \"lora\", \"qlora\", ...)"
+        )));
+    }
+    let c = &model.config;
+    let units: Vec<usize> = match config.train_type {
+        TrainType::Freeze => {
+            let n = config.freeze_trainable_layers;
+            if n > c.num_layers {
+                return Err(Error::Config(format!(
+                    "freeze_trainable_layers = {n} exceeds the model's {} decoder layers \
+                     (train_type = \"freeze\"; use train_type = \"full\" to train everything)",
+                    c.num_layers
+                )));
+            }
+            (c.num_layers - n + 1..=c.num_layers).collect()
+        }
+        _ => (0..c.num_units()).collect(),
+    };
+    let mut out = Vec::new();
+    for u in units {
+        let w = model.unit(u)?;
+        for (name, _) in c.unit_tensors(u) {
+            if w.quantized(&name).is_some() {
+                return Err(Error::Config(format!(
+                    "train_type = \"{tt}\" needs a dense base, but {name} is quantized \
+                     (load the model with quant = \"none\")"
+                )));
+            }
+            out.push((u, name));
+        }
+    }
+    Ok(out)
 }
 
 impl Trainer {
-    /// A trainer at step 0 for `model`, which must have an adapter attached.
-    /// For a bit-exact [`Trainer::resume`] with dropout, create the adapter
+    /// A trainer at step 0 for `model`. Adapter train types need an adapter
+    /// attached; for a bit-exact [`Trainer::resume`] with dropout, create it
     /// with `model.new_adapter(lora, config.seed)`: the dropout masks are
-    /// salted by that seed.
+    /// salted by that seed. `full` and `freeze` need a dense base without an
+    /// adapter; the optimizer then keeps f32 masters of the trained weights
+    /// and writes every update back into the model. An f16 model trains
+    /// with dynamic loss scaling (`init_loss_scale`, `loss_scale_window`).
     pub fn new(config: TrainConfig, model: &Model) -> Result<Self> {
         config.validate()?;
-        if model.adapter().is_none() {
-            return Err(Error::NoAdapter);
-        }
+        let mut optimizer = Optimizer::new(&config);
+        let grads = if config.train_type.uses_adapter() {
+            if model.adapter().is_none() {
+                return Err(Error::NoAdapter);
+            }
+            Grads::for_adapter(model)?
+        } else {
+            let names = trainable_weights(&config, model)?;
+            let mut grads = Grads::default();
+            for (u, name) in &names {
+                let shape = model.unit(*u)?.get(name)?.shape().to_vec();
+                grads.track(model.ctx(), name, &shape)?;
+            }
+            optimizer.track_weights(model, &names)?;
+            grads
+        };
+        let scaler = (model.dtype() == DType::F16)
+            .then(|| LossScale::new(config.init_loss_scale, config.loss_scale_window));
         Ok(Self {
             schedule: LrSchedule::from_config(&config),
-            optimizer: Optimizer::new(&config),
-            grads: Grads::for_adapter(model)?,
+            optimizer,
+            grads,
             config,
             step: 0,
             cursor: None,
+            scaler,
         })
     }
 
@@ -106,6 +180,11 @@ impl Trainer {
     /// The optimizer.
     pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
+    }
+
+    /// The f16 loss scaler (`None` unless the model computes in f16).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.scaler
     }
 
     /// The data cursor saved with checkpoints (set by the caller's loop).
@@ -163,7 +242,12 @@ impl Trainer {
                 .filter(|&&t| t != -100)
                 .count();
         }
-        let normalizer = tokens.max(1) as f32;
+        // Under f16 loss scaling the loss (and so every gradient) is
+        // multiplied by the scale: divide the normalizer by it.
+        let normalizer = match self.scaler {
+            None => tokens.max(1) as f32,
+            Some(s) => tokens.max(1) as f32 / s.scale,
+        };
         let mut loss_sum = 0.0;
         for (i, b) in micro_batches.iter_mut().enumerate() {
             b.dropout_seed = Some(self.dropout_seed(i));
@@ -182,11 +266,32 @@ impl Trainer {
     pub fn apply(&mut self, model: &mut Model, acc: Accumulated) -> Result<StepStats> {
         let lr = self.schedule.lr(self.step);
         let loss = acc.loss_sum / acc.tokens.max(1) as f64;
-        let ctx = model.ctx().clone();
-        let adapter = model.adapter_mut().ok_or(Error::NoAdapter)?;
-        let update =
-            self.optimizer
-                .step_adapter(&ctx, adapter, &mut self.grads, loss, lr, self.step + 1)?;
+        let loss_scale = self.scaler.map(|s| s.scale);
+        let update = if self.config.train_type.uses_adapter() {
+            let ctx = model.ctx().clone();
+            let adapter = model.adapter_mut().ok_or(Error::NoAdapter)?;
+            self.optimizer.step_adapter(
+                &ctx,
+                adapter,
+                &mut self.grads,
+                loss,
+                lr,
+                self.step + 1,
+                loss_scale,
+            )?
+        } else {
+            self.optimizer.step_weights(
+                model,
+                &mut self.grads,
+                loss,
+                lr,
+                self.step + 1,
+                loss_scale,
+            )?
+        };
+        if let Some(s) = &mut self.scaler {
+            s.update(update.overflow);
+        }
         self.step += 1;
         let secs = acc.started.elapsed().as_secs_f64();
         Ok(StepStats {
@@ -197,6 +302,8 @@ impl Trainer {
             tokens: acc.tokens,
             tokens_per_s: acc.tokens as f64 / secs.max(1e-9),
             skipped: update.skipped,
+            overflow: update.overflow,
+            loss_scale,
         })
     }
 
@@ -216,11 +323,17 @@ impl Trainer {
         })
     }
 
-    /// Saves adapter, optimizer and trainer state to
-    /// `output_dir/checkpoint-<step>` (written under a temporary name and
-    /// renamed), then deletes all but the newest `keep_last` checkpoints.
+    /// Saves the trained parameters — the adapter (PEFT format, f32) or the
+    /// f32 masters of the trained weights (`model.safetensors`, HF names) —
+    /// with the optimizer and trainer state to `output_dir/checkpoint-<step>`
+    /// (written under a temporary name and renamed), then deletes all but
+    /// the newest `keep_last` checkpoints.
     pub fn save_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
-        let adapter = model.adapter().ok_or(Error::NoAdapter)?;
+        let adapter = if self.config.train_type.uses_adapter() {
+            Some(model.adapter().ok_or(Error::NoAdapter)?)
+        } else {
+            None
+        };
         let state = TrainerState {
             format: checkpoint::FORMAT.into(),
             step: self.step,
@@ -228,38 +341,49 @@ impl Trainer {
             seed: self.config.seed,
             cursor: self.cursor,
             next_lr: self.schedule.lr(self.step),
+            train_type: Some(self.config.train_type),
+            loss_scale: self.scaler.map(|s| s.scale),
+            loss_scale_clean_steps: self.scaler.map_or(0, |s| s.clean_steps),
         };
         checkpoint::write(output_dir, &state, self.config.keep_last, |dir| {
-            adapter.save(dir, llmft_tensor::DType::F32)?;
+            match adapter {
+                Some(a) => a.save(dir, llmft_tensor::DType::F32)?,
+                None => self
+                    .optimizer
+                    .save_weights(&dir.join(checkpoint::MODEL_FILE))?,
+            }
             self.optimizer.save(&dir.join(checkpoint::OPTIMIZER_FILE))
         })
     }
 
     /// A trainer that continues exactly where the checkpoint at `dir` left
-    /// off: its adapter is loaded and attached to `model`, the optimizer
-    /// state, step, seed and data cursor restored. `config` supplies the
-    /// rest (its seed is replaced by the checkpoint's).
+    /// off. Adapter types: the adapter is loaded and attached to `model`.
+    /// `full` / `freeze`: `model` is the freshly loaded base, whose trained
+    /// weights are overwritten from the checkpoint's `model.safetensors`.
+    /// The optimizer state, step, seed, data cursor and f16 loss scale are
+    /// restored; `config` supplies the rest (its seed is replaced by the
+    /// checkpoint's).
     pub fn resume(mut config: TrainConfig, model: &mut Model, dir: &Path) -> Result<Self> {
         let state = checkpoint::read_state(dir)?;
-        let loaded = Adapter::load(model.ctx(), dir, &model.linear_shapes())?;
-        // Dropout masks are salted by the adapter's init seed, which the PEFT
-        // files do not carry: rebuild the adapter from the run seed, then
-        // copy the saved parameters in.
-        let mut lora = loaded.config.clone();
-        lora.inference_mode = false;
-        let mut adapter = model.new_adapter(lora, state.seed)?;
-        for (name, layer) in adapter.layers.iter_mut() {
-            let src = loaded.layers.get(name).ok_or_else(|| Error::Checkpoint {
-                path: dir.join(llmft_lora::WEIGHTS_FILE),
-                msg: format!("no tensors for adapter module {name}"),
-            })?;
-            for (p, s) in layer.params_mut().into_iter().zip(src.params()) {
-                p.copy_from(model.ctx(), s)?;
-            }
+        if let Some(saved) = state.train_type.filter(|&t| t != config.train_type) {
+            return Err(Error::Config(format!(
+                "train_type: the checkpoint {} was written by a \"{}\" run, but the \
+                 config says \"{}\"",
+                dir.display(),
+                type_name(saved),
+                type_name(config.train_type)
+            )));
         }
-        model.attach_adapter(adapter);
         config.seed = state.seed;
-        let mut t = Self::new(config, model)?;
+        let mut t = if config.train_type.uses_adapter() {
+            Self::attach_saved_adapter(model, dir, state.seed)?;
+            Self::new(config, model)?
+        } else {
+            let mut t = Self::new(config, model)?;
+            t.optimizer
+                .load_weights(model, &dir.join(checkpoint::MODEL_FILE))?;
+            t
+        };
         t.optimizer
             .load(model.ctx(), &dir.join(checkpoint::OPTIMIZER_FILE))?;
         if t.optimizer.steps_applied() != state.optimizer_step {
@@ -272,10 +396,44 @@ impl Trainer {
                 ),
             });
         }
+        if let (Some(s), Some(scale)) = (&mut t.scaler, state.loss_scale) {
+            s.scale = scale;
+            s.clean_steps = state.loss_scale_clean_steps;
+        }
         t.step = state.step;
         t.cursor = state.cursor;
         Ok(t)
     }
+
+    /// Loads the adapter saved in `dir` and attaches it to `model`.
+    fn attach_saved_adapter(model: &mut Model, dir: &Path, seed: u64) -> Result<()> {
+        let loaded = Adapter::load(model.ctx(), dir, &model.linear_shapes())?;
+        // Dropout masks are salted by the adapter's init seed, which the PEFT
+        // files do not carry: rebuild the adapter from the run seed, then
+        // copy the saved parameters in.
+        let mut lora = loaded.config.clone();
+        lora.inference_mode = false;
+        let mut adapter = model.new_adapter(lora, seed)?;
+        for (name, layer) in adapter.layers.iter_mut() {
+            let src = loaded.layers.get(name).ok_or_else(|| Error::Checkpoint {
+                path: dir.join(llmft_lora::WEIGHTS_FILE),
+                msg: format!("no tensors for adapter module {name}"),
+            })?;
+            for (p, s) in layer.params_mut().into_iter().zip(src.params()) {
+                p.copy_from(model.ctx(), s)?;
+            }
+        }
+        model.attach_adapter(adapter);
+        Ok(())
+    }
+}
+
+/// The config spelling of a train type (`qlora`, `full`, ...).
+fn type_name(t: TrainType) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| format!("{t:?}"))
 }
 
 /// splitmix64 finalizer: decorrelates seeds.
