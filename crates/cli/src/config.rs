@@ -10,6 +10,7 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Provider};
 use llmft_data::DataConfig;
 use llmft_lora::LoraConfig;
+use llmft_trainer::TrainConfig;
 use serde::{Deserialize, Serialize};
 
 /// The base model.
@@ -18,9 +19,12 @@ use serde::{Deserialize, Serialize};
 pub struct ModelSettings {
     /// A Hugging Face folder or model id; empty means the built-in demo model.
     pub path: String,
-    /// Compute dtype: `bf16`, `f16` or `f32`.
+    /// Compute dtype: `auto` (bf16 on Ampere or newer GPUs, f16 on older
+    /// ones, f32 on the CPU), `bf16`, `f16` or `f32`.
     pub dtype: String,
-    /// Base weights: `none` (dense), `nf4`, `nf4-dq`, `fp4`, `int8`, `hqq4`, `hqq3`, `hqq2`.
+    /// Base weights: `auto`, `none` (dense), `nf4`, `nf4-dq`, `fp4`, `int8`,
+    /// `hqq4`, `hqq3`, `hqq2`. `auto` follows `train.train_type` when
+    /// training, is dense for `generate` and NF4 for `quantize`.
     pub quant: String,
     /// Gradient checkpointing (recompute each layer in backward).
     pub checkpointing: bool,
@@ -32,8 +36,8 @@ impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             path: String::new(),
-            dtype: "bf16".into(),
-            quant: "nf4".into(),
+            dtype: "auto".into(),
+            quant: "auto".into(),
             checkpointing: true,
             device: "auto".into(),
         }
@@ -50,10 +54,12 @@ pub struct Settings {
     pub lora: LoraConfig,
     /// Datasets, template, tokenization and batching.
     pub data: DataConfig,
+    /// The training run: recipe, optimizer, schedule, checkpoints.
+    pub train: TrainConfig,
 }
 
 /// Sections a `LLMFT_<SECTION>__...` variable may address.
-const SECTIONS: &[&str] = &["model", "lora", "data"];
+const SECTIONS: &[&str] = &["model", "lora", "data", "train"];
 
 /// Keys whose values are free-form maps (any sub-key is valid).
 const OPEN_MAPS: &[&str] = &["lora.rank_pattern", "lora.alpha_pattern"];
@@ -93,12 +99,28 @@ fn describe(m: &figment::Metadata) -> String {
     if name.ends_with("Settings") {
         return "the built-in defaults".into();
     }
+    if name.contains("demo") {
+        return name;
+    }
     if name.contains("Value") {
         return "--set".into();
     }
     match &m.source {
         Some(figment::Source::File(p)) => format!("{} {}", name, p.display()),
         _ => name,
+    }
+}
+
+/// A provider under a name of our choosing (for `config show`).
+struct Named<P>(P, &'static str);
+
+impl<P: Provider> Provider for Named<P> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(self.1)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        self.0.data()
     }
 }
 
@@ -168,7 +190,20 @@ fn parse_value(raw: &str) -> Value {
 impl Loaded {
     /// Resolves the layers: defaults, `file`, the environment, then `sets`.
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        Self::load_over(None, file, sets)
+    }
+
+    /// As [`Loaded::load`], with the layer `base` (TOML: a job's own
+    /// defaults, such as the built-in demo's) between the defaults and `file`.
+    pub fn load_over(
+        base: Option<&str>,
+        file: Option<&Path>,
+        sets: &[String],
+    ) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(toml) = base {
+            fig = fig.merge(Named(Toml::string(toml), "the built-in demo job"));
+        }
         if let Some(path) = file {
             if !path.is_file() {
                 return Err(ConfigError::File {

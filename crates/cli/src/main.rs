@@ -8,6 +8,8 @@ use llmft_tensor::{cuda, cuda_device_count, Ctx};
 
 mod bench;
 mod config;
+mod demo;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +37,7 @@ struct ConfigArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Train (with no arguments: the built-in demo job).
-    Train(ConfigArgs),
+    Train(train::TrainArgs),
     /// Print the GPU, driver, NVRTC and kernel-cache facts for a bug report.
     Env,
     /// Configuration tools.
@@ -160,13 +162,19 @@ fn env_report() -> Result<(), String> {
     Ok(())
 }
 
-fn dtype_of(name: &str) -> Result<llmft_tensor::DType, String> {
+/// The compute dtype of `model.dtype` on `ctx` (`auto`: bf16 on Ampere or
+/// newer, f16 on older GPUs, f32 on the CPU).
+fn dtype_for(name: &str, ctx: &Ctx) -> Result<llmft_tensor::DType, String> {
     match name {
+        "auto" => Ok(train::auto_dtype(
+            ctx.device(),
+            ctx.cuda_ctx().map(|c| c.arch().0),
+        )),
         "bf16" => Ok(llmft_tensor::DType::BF16),
         "f16" => Ok(llmft_tensor::DType::F16),
         "f32" => Ok(llmft_tensor::DType::F32),
         other => Err(format!(
-            "model.dtype `{other}` is not one of bf16, f16, f32"
+            "model.dtype `{other}` is not one of auto, bf16, f16, f32"
         )),
     }
 }
@@ -194,8 +202,8 @@ fn merge(
     shard_mib: usize,
     s: &config::Settings,
 ) -> Result<(), String> {
-    let dtype = dtype_of(&s.model.dtype)?;
     let ctx = device_ctx(&s.model.device)?;
+    let dtype = dtype_for(&s.model.dtype, &ctx)?;
     let dir = model_dir(s)?;
     // Merging works on the dense base: a quantized base would bake its
     // rounding error into the export.
@@ -219,7 +227,7 @@ fn merge(
 fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
     use llmft_quant::QuantConfig;
     Ok(match name {
-        "none" => None,
+        "none" | "auto" => None,
         "nf4" => Some(QuantConfig::nf4()),
         "nf4-dq" => Some(QuantConfig::nf4_double_quant()),
         "fp4" => Some(QuantConfig::fp4()),
@@ -229,7 +237,7 @@ fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
         "hqq2" => Some(QuantConfig::hqq(2)),
         other => {
             return Err(format!(
-                "model.quant `{other}` is not one of none, nf4, nf4-dq, fp4, int8, hqq4, hqq3, hqq2"
+                "model.quant `{other}` is not one of auto, none, nf4, nf4-dq, fp4, int8, hqq4, hqq3, hqq2"
             ))
         }
     })
@@ -237,8 +245,14 @@ fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
 
 fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
     use llmft_quant::io::{bnb_state_dict, write_safetensors, RawTensor};
-    let quant = quant_of(&s.model.quant)?;
-    let bnb = match (&s.model.quant[..], &quant) {
+    // `auto` quantizes to NF4, bitsandbytes' QLoRA default.
+    let name = if s.model.quant == "auto" {
+        "nf4"
+    } else {
+        s.model.quant.as_str()
+    };
+    let quant = quant_of(name)?;
+    let bnb = match (name, &quant) {
         ("nf4" | "nf4-dq" | "fp4" | "int8", Some(q)) => *q,
         _ => {
             return Err(format!(
@@ -253,13 +267,13 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
             out.display()
         ));
     }
-    let dtype = dtype_of(&s.model.dtype)?;
+    let ctx = device_ctx(&s.model.device)?;
+    let dtype = dtype_for(&s.model.dtype, &ctx)?;
     let st_dtype = match dtype {
         llmft_tensor::DType::F32 => safetensors::Dtype::F32,
         llmft_tensor::DType::F16 => safetensors::Dtype::F16,
         _ => safetensors::Dtype::BF16,
     };
-    let ctx = device_ctx(&s.model.device)?;
     let dir = model_dir(s)?;
     let model = llmft_models::Model::from_dir_quantized(&dir, &ctx, dtype, Some(&bnb))
         .map_err(|e| e.to_string())?;
@@ -292,18 +306,18 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
     let write = || -> Result<(), String> {
         write_safetensors(&tmp.join("model.safetensors"), &tensors).map_err(|e| e.to_string())?;
         let mut cfg = model.hf_config_json(dtype);
-        let torch = |d: &str| match d {
-            "f32" => "float32",
-            "f16" => "float16",
+        let torch = match dtype {
+            llmft_tensor::DType::F32 => "float32",
+            llmft_tensor::DType::F16 => "float16",
             _ => "bfloat16",
         };
-        let qc = match s.model.quant.as_str() {
+        let qc = match name {
             "int8" => serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}),
             q => serde_json::json!({
                 "quant_method": "bitsandbytes", "load_in_4bit": true,
                 "bnb_4bit_quant_type": if q == "fp4" { "fp4" } else { "nf4" },
                 "bnb_4bit_use_double_quant": q == "nf4-dq",
-                "bnb_4bit_compute_dtype": torch(&s.model.dtype),
+                "bnb_4bit_compute_dtype": torch,
                 "bnb_4bit_quant_storage": "uint8",
             }),
         };
@@ -324,12 +338,7 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
     write().inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&tmp);
     })?;
-    println!(
-        "wrote {} ({}) to {}",
-        s.model.quant,
-        s.model.dtype,
-        out.display()
-    );
+    println!("wrote {name} ({dtype}) to {}", out.display());
     Ok(())
 }
 
@@ -340,8 +349,8 @@ struct GenerateArgs<'a> {
 }
 
 fn generate(g: &GenerateArgs<'_>, s: &config::Settings) -> Result<(), String> {
-    let dtype = dtype_of(&s.model.dtype)?;
     let ctx = device_ctx(&s.model.device)?;
+    let dtype = dtype_for(&s.model.dtype, &ctx)?;
     let dir = model_dir(s)?;
     let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
     let quant = quant_of(&s.model.quant)?;
@@ -387,83 +396,59 @@ fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result =
-        match cli.command.unwrap_or(Command::Train(ConfigArgs::default())) {
-            Command::Env => env_report(),
-            Command::Bench(args) => bench::run(&args),
-            Command::Config {
-                action: ConfigAction::Show(args),
-            } => config::Loaded::load(args.config.as_deref(), &args.set)
-                .map(|l| print!("{}", l.show()))
-                .map_err(|e| e.to_string()),
-            Command::Merge {
-                adapter,
-                out,
-                shard_mib,
-                cfg,
-            } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+    let result = match cli
+        .command
+        .unwrap_or(Command::Train(train::TrainArgs::default()))
+    {
+        Command::Env => env_report(),
+        Command::Bench(args) => bench::run(&args),
+        Command::Config {
+            action: ConfigAction::Show(args),
+        } => config::Loaded::load(args.config.as_deref(), &args.set)
+            .map(|l| print!("{}", l.show()))
+            .map_err(|e| e.to_string()),
+        Command::Merge {
+            adapter,
+            out,
+            shard_mib,
+            cfg,
+        } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+            .map_err(|e| e.to_string())
+            .and_then(|l| merge(&adapter, &out, shard_mib, &l.settings)),
+        Command::Quantize { out, cfg } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+            .map_err(|e| e.to_string())
+            .and_then(|l| quantize(&out, &l.settings)),
+        Command::Generate {
+            prompt,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            cfg,
+        } => {
+            let g = GenerateArgs {
+                prompt: &prompt,
+                adapter: adapter.as_deref(),
+                opts: llmft_models::GenerateOpts {
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                    stop: Vec::new(),
+                },
+            };
+            config::Loaded::load(cfg.config.as_deref(), &cfg.set)
                 .map_err(|e| e.to_string())
-                .and_then(|l| merge(&adapter, &out, shard_mib, &l.settings)),
-            Command::Quantize { out, cfg } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
-                .map_err(|e| e.to_string())
-                .and_then(|l| quantize(&out, &l.settings)),
-            Command::Generate {
-                prompt,
-                adapter,
-                max_new_tokens,
-                temperature,
-                top_p,
-                seed,
-                cfg,
-            } => {
-                let g = GenerateArgs {
-                    prompt: &prompt,
-                    adapter: adapter.as_deref(),
-                    opts: llmft_models::GenerateOpts {
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        seed,
-                        stop: Vec::new(),
-                    },
-                };
-                config::Loaded::load(cfg.config.as_deref(), &cfg.set)
-                    .map_err(|e| e.to_string())
-                    .and_then(|l| generate(&g, &l.settings))
-            }
-            Command::Data {
-                action: DataAction::Inspect { n, cfg },
-            } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
-                .map_err(|e| e.to_string())
-                .and_then(|l| data_inspect(n, &l.settings)),
-            Command::Train(args) => {
-                let loaded = match config::Loaded::load(args.config.as_deref(), &args.set) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let s = &loaded.settings;
-                let ctx = Ctx::best();
-                println!("llmft train: device {}", ctx.device());
-                println!(
-                "plan: model {}, base {}, compute {}, LoRA r={} alpha={} on {}; training itself \
-                 lands with the trainer issue",
-                if s.model.path.is_empty() { "built-in demo" } else { &s.model.path },
-                s.model.quant,
-                s.model.dtype,
-                s.lora.r,
-                s.lora.lora_alpha,
-                s.lora
-                    .target_modules
-                    .as_ref()
-                    .map(|t| t.to_string())
-                    .unwrap_or_else(|| "the default targets".into()),
-            );
-                Ok(())
-            }
-        };
+                .and_then(|l| generate(&g, &l.settings))
+        }
+        Command::Data {
+            action: DataAction::Inspect { n, cfg },
+        } => config::Loaded::load(cfg.config.as_deref(), &cfg.set)
+            .map_err(|e| e.to_string())
+            .and_then(|l| data_inspect(n, &l.settings)),
+        Command::Train(args) => train::run(&args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

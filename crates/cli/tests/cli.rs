@@ -1,25 +1,9 @@
 //! The `llmft` binary: exit codes and one-sentence errors, `merge` and
 //! `data inspect` on the repository's fixtures.
 use std::path::Path;
-use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn llmft(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_llmft"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("LLMFT_MODEL__PATH")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{llmft, root};
 
 #[test]
 fn unknown_key_is_one_sentence_and_nonzero() {

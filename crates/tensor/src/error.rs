@@ -48,6 +48,12 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// Host memory could not be allocated.
+    #[error("out of host memory: could not allocate {requested} bytes")]
+    HostOutOfMemory {
+        /// Bytes requested.
+        requested: usize,
+    },
     /// The device allocator could not satisfy a request.
     #[error(
         "out of GPU memory on {device}: asked for {requested} bytes; {free} of {total} bytes free, \

@@ -24,10 +24,7 @@ unsafe impl Sync for HostBuf {}
 
 impl HostBuf {
     fn zeroed(bytes: usize) -> Result<Self> {
-        let too_big = || Error::Invalid {
-            op: "alloc",
-            msg: format!("could not allocate {bytes} bytes of host memory"),
-        };
+        let too_big = || Error::HostOutOfMemory { requested: bytes };
         let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN).map_err(|_| too_big())?;
         // SAFETY: layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };

@@ -14,6 +14,9 @@ pub enum Error {
     /// The adapter failed (saving, loading).
     #[error(transparent)]
     Lora(#[from] llmft_lora::Error),
+    /// The data pipeline failed (loader configuration).
+    #[error(transparent)]
+    Data(#[from] llmft_data::Error),
     /// An invalid training configuration value.
     #[error("training config: {0}")]
     Config(String),
@@ -46,6 +49,16 @@ pub enum Error {
         loss: f64,
         /// The step's global gradient norm.
         grad_norm: f32,
+    },
+    /// Memory ran out during training step `step` (the cause names the
+    /// device and the request); the caller suggests smaller settings.
+    #[error("out of memory at training step {step}: {source}")]
+    OutOfMemory {
+        /// The step (1-based).
+        step: u64,
+        /// The allocation failure.
+        #[source]
+        source: Box<Error>,
     },
     /// The model has no adapter attached (LoRA training needs one).
     #[error("the model has no adapter attached: attach one with Model::attach_adapter first")]

@@ -3,8 +3,9 @@
 //!
 //! - [`TrainConfig`]: hyperparameters as data, each with a documented default.
 //! - [`LrSchedule`]: constant / linear / cosine with warmup, as transformers.
-//! - [`Optimizer`]: AdamW over an adapter's f32 masters, with global-norm
-//!   clipping and the non-finite check ([`NanPolicy`]).
+//! - [`Optimizer`]: AdamW over an adapter's f32 masters or f32 masters of
+//!   the model's own weights (full / freeze), with global-norm clipping, the
+//!   non-finite check ([`NanPolicy`]) and f16 loss scaling ([`LossScale`]).
 //! - [`Trainer`]: one step = forward + backward of each micro-batch with the
 //!   loss normalized by the step's trained tokens, then the update;
 //!   [`Trainer::save_checkpoint`] / [`Trainer::resume`] continue bit-exactly.
@@ -40,17 +41,25 @@ mod config;
 mod error;
 mod metrics;
 mod optimizer;
+mod plot;
+mod progress;
+mod run;
 mod schedule;
 mod trainer;
 
 pub use batch::model_batch;
 pub use checkpoint::{
-    latest_checkpoint, list as list_checkpoints, read_state, TrainerState, OPTIMIZER_FILE,
-    STATE_FILE,
+    latest_checkpoint, list as list_checkpoints, read_state, TrainerState, MODEL_FILE,
+    OPTIMIZER_FILE, STATE_FILE,
 };
 pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
 pub use error::{Error, Result};
 pub use metrics::MetricsWriter;
-pub use optimizer::{Optimizer, Update};
+pub use optimizer::{decays, LossScale, Optimizer, Update};
+pub use plot::loss_curve;
+pub use run::{
+    evaluate, is_out_of_memory, train, RunData, RunOptions, RunSummary, ADAPTER_DIR, MERGED_DIR,
+    METRICS_FILE, MODEL_DIR, PLOT_FILE,
+};
 pub use schedule::LrSchedule;
 pub use trainer::{Accumulated, EvalStats, StepStats, Trainer};
