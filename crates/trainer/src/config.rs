@@ -195,7 +195,10 @@ impl TrainConfig {
             return bad("log_every", "must be ≥ 1");
         }
         if self.train_type == TrainType::Freeze && self.freeze_trainable_layers == 0 {
-            return bad("freeze_trainable_layers", "must be ≥ 1 with train_type = \"freeze\"");
+            return bad(
+                "freeze_trainable_layers",
+                "must be ≥ 1 with train_type = \"freeze\"",
+            );
         }
         if !(self.init_loss_scale.is_finite() && self.init_loss_scale >= 1.0) {
             return bad("init_loss_scale", "must be a finite number ≥ 1");
