@@ -1,6 +1,7 @@
 """Writes llmft's built-in demo job (`llmft train` with no arguments) into
 crates/cli/demo/: a character-level tokenizer, the tiny Llama config and a
-small instruction dataset of checkable tasks, split into training and
+small instruction dataset of checkable tasks (upper-casing a word, the
+largest or smallest of a few digits), split into training and
 held-out questions that never overlap.
 
     python3 scripts/demo/make_demo.py crates/cli/demo
@@ -53,15 +54,13 @@ def word(n):
 
 
 def task():
-    kind = rng.choice(["upper", "reverse", "add"])
+    kind = rng.choice(["upper", "max", "min"])
     if kind == "upper":
         w = word(rng.randint(3, 6))
         return f"upper {w}", w.upper()
-    if kind == "reverse":
-        w = word(rng.randint(3, 5))
-        return f"reverse {w}", w[::-1]
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return f"add {a} {b}", str(a + b)
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
+    pick = max(digits) if kind == "max" else min(digits)
+    return f"{kind} {' '.join(map(str, digits))}", str(pick)
 
 
 def main():

@@ -92,15 +92,34 @@ pub fn heldout() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Fraction of held-out questions the model answers exactly (greedy
-/// decoding of the chat template's prompt until the end-of-sequence token).
+/// Held-out answers right, in all and per task (the question's first word).
+pub struct Accuracy {
+    /// Fraction right.
+    pub all: f64,
+    /// (task, right, asked), by task name.
+    pub tasks: Vec<(String, usize, usize)>,
+}
+
+impl std::fmt::Display for Accuracy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1}% (", 100.0 * self.all)?;
+        for (i, (t, r, n)) in self.tasks.iter().enumerate() {
+            write!(f, "{}{t} {r}/{n}", if i > 0 { ", " } else { "" })?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// How many held-out questions the model answers exactly (greedy decoding
+/// of the chat template's prompt until the end-of-sequence token).
 pub fn accuracy(
     model: &Model,
     tok: &ModelTokenizer,
     questions: &[(String, String)],
-) -> Result<f64, String> {
+) -> Result<Accuracy, String> {
     let eos = tok.eos_id().map(|i| i as i32);
     let mut right = 0usize;
+    let mut tasks: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for (q, a) in questions {
         let prompt = format!("<s>Q: {q}\nA: ");
         let (ids, _) = tok.encode(&prompt, false).map_err(|e| e.to_string())?;
@@ -120,7 +139,16 @@ pub fn accuracy(
             .map(|&i| i as u32)
             .collect();
         let text = tok.decode(&body).map_err(|e| e.to_string())?;
-        right += usize::from(ended && text == *a);
+        let ok = usize::from(ended && text == *a);
+        right += ok;
+        let t = tasks
+            .entry(q.split(' ').next().unwrap_or_default().to_string())
+            .or_default();
+        t.0 += ok;
+        t.1 += 1;
     }
-    Ok(right as f64 / questions.len().max(1) as f64)
+    Ok(Accuracy {
+        all: right as f64 / questions.len().max(1) as f64,
+        tasks: tasks.into_iter().map(|(k, (r, n))| (k, r, n)).collect(),
+    })
 }

@@ -16,9 +16,9 @@ use crate::{demo, device_ctx, dtype_for, quant_of, ConfigArgs};
 pub struct TrainArgs {
     #[command(flatten)]
     pub cfg: ConfigArgs,
-    /// Continue from a checkpoint: its folder, or with no value the newest
-    /// `checkpoint-<step>` in `train.output_dir`.
-    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "CHECKPOINT")]
+    /// Continue from a checkpoint: its folder, or with no value (or
+    /// `latest`) the newest `checkpoint-<step>` in `train.output_dir`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
     pub resume: Option<PathBuf>,
     /// Shorthand for `--set model.path=...`.
     #[arg(long)]
@@ -189,7 +189,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         Model::from_dir_quantized(&dir, &ctx, dtype, quant.as_ref()).map_err(|e| e.to_string())?;
     model.checkpointing = s.model.checkpointing;
     let resume = args.resume.as_ref().map(|p| {
-        if p.as_os_str().is_empty() {
+        if p.as_os_str() == "latest" {
             llmft_trainer::latest_checkpoint(&s.train.output_dir)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| {
@@ -215,12 +215,8 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     let tok = pipeline.encoder().tokenizer();
     let before = if is_demo && resume.is_none() {
         let a = demo::accuracy(&model, tok, &questions)?;
-        println!(
-            "held-out answer accuracy before training: {:.1}% ({} questions)",
-            100.0 * a,
-            questions.len()
-        );
-        Some(a)
+        println!("held-out answer accuracy before training: {a}");
+        Some(a.all)
     } else {
         None
     };
@@ -274,16 +270,13 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     }
     if is_demo {
         let after = demo::accuracy(&model, tok, &questions)?;
-        match before {
-            Some(b) => println!(
+        println!("held-out answer accuracy after training: {after}");
+        if let Some(b) = before {
+            println!(
                 "held-out answer accuracy: {:.1}% before, {:.1}% after training",
                 100.0 * b,
-                100.0 * after
-            ),
-            None => println!(
-                "held-out answer accuracy after training: {:.1}%",
-                100.0 * after
-            ),
+                100.0 * after.all
+            );
         }
     }
     println!(

@@ -196,3 +196,20 @@ fn generate_continues_a_prompt_deterministically() {
     assert_eq!(out1, out2, "seeded sampling repeats");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn example_configs_load_with_known_keys() {
+    let dir = root().join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let p = path.display().to_string();
+            let (code, out, err) = llmft(&["config", "show", "-c", &p]);
+            assert_eq!(code, 0, "{p}: {err}");
+            assert!(out.contains("train.train_type"), "{p}: {out}");
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "examples/ holds the real-run configs");
+}
