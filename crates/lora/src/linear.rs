@@ -502,7 +502,7 @@ impl LoraLinear {
         saved: &mut LoraSaved,
         mode: Mode,
     ) -> Result<()> {
-        let (i, o, r) = (self.shape.in_features, self.shape.out_features, self.r);
+        let (i, o) = (self.shape.in_features, self.shape.out_features);
         let cd = x.dtype();
         if !cd.is_float() {
             return Err(Error::DType {
@@ -515,21 +515,9 @@ impl LoraLinear {
         Self::rows_of("y", y, o, Some(n), cd)?;
         self.check_weight(base_w)?;
         Self::rows_of("base weight", base_w, i, Some(o), cd)?;
-        let x2 = x.reshape(&[n, i])?;
         let mut y2 = y.reshape(&[n, o])?;
         let (a_c, b_c) = self.ab_in(ctx, cd)?;
-
-        saved.dropout_seed = self.dropout_seed(mode);
-        let xd = match saved.dropout_seed {
-            Some(seed) => {
-                let mut t = Tensor::empty(ctx, cd, &[n, i])?;
-                ops::dropout(ctx, &x2, self.dropout, seed, &mut t)?;
-                t
-            }
-            None => x2.clone(),
-        };
-        let mut xa = slot(ctx, &mut saved.xa, cd, &[n, r])?;
-        ops::gemm(ctx, &xd, &a_c, &mut xa, Gemm::nt())?;
+        let (xd, xa) = self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
         let lora_into = Gemm {
             trans_b: true,
             alpha: self.scale,
@@ -561,6 +549,65 @@ impl LoraLinear {
         let mut t = Tensor::empty(ctx, cd, &[n, o])?;
         ops::mul(ctx, &broadcast_rows(ctx, &km1, n, cd)?, &pre, &mut t)?;
         Ok(ops::axpby(ctx, 1.0, &t, 1.0, &mut y2)?)
+    }
+
+    /// `x̃ = dropout(x)` and `x̃·Aᵀ`, recorded in `saved` (with the dropout seed).
+    fn input_product(
+        &self,
+        ctx: &Ctx,
+        x2: &Tensor,
+        a_c: &Tensor,
+        saved: &mut LoraSaved,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, i) = (x2.shape()[0], self.shape.in_features);
+        let cd = x2.dtype();
+        saved.dropout_seed = self.dropout_seed(mode);
+        let xd = match saved.dropout_seed {
+            Some(seed) => {
+                let mut t = Tensor::empty(ctx, cd, &[n, i])?;
+                ops::dropout(ctx, x2, self.dropout, seed, &mut t)?;
+                t
+            }
+            None => x2.clone(),
+        };
+        let mut xa = slot(ctx, &mut saved.xa, cd, &[n, self.r])?;
+        ops::gemm(ctx, &xd, a_c, &mut xa, Gemm::nt())?;
+        Ok((xd, xa))
+    }
+
+    /// Fills `saved` exactly as [`LoraLinear::forward`] in `mode` would,
+    /// without computing the output: under gradient checkpointing the
+    /// recomputed forward needs a linear's record but not its output when
+    /// nothing downstream in the unit reads it. LoRA only: a DoRA record
+    /// holds the base output, so DoRA layers must run [`LoraLinear::forward`].
+    pub fn record(&self, ctx: &Ctx, x: &Tensor, saved: &mut LoraSaved, mode: Mode) -> Result<()> {
+        if self.use_dora {
+            return Err(Error::Config(
+                "a DoRA layer's backward record needs its output: run forward".into(),
+            ));
+        }
+        let (i, cd) = (self.shape.in_features, x.dtype());
+        if !cd.is_float() {
+            return Err(Error::DType {
+                what: "x".into(),
+                got: cd,
+                expected: "f32, bf16 or f16".into(),
+            });
+        }
+        let n = Self::rows_of("x", x, i, None, cd)?;
+        let a_c = if cd == DType::F32 {
+            self.a.clone()
+        } else {
+            let mut a = Tensor::empty(ctx, cd, self.a.shape())?;
+            ops::cast(ctx, &self.a, &mut a)?;
+            a
+        };
+        self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
+        saved.pre = None;
+        saved.k_minus_1 = None;
+        saved.inv_norm = None;
+        Ok(())
     }
 
     /// The backward of [`LoraLinear::forward`], given the same `x` and

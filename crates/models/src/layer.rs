@@ -251,7 +251,15 @@ impl Layer<'_> {
     }
 
     /// x2 = x + o_proj(attn); y = x2 + down(silu(gate(h2)) ⊙ up(h2)).
-    fn out_and_mlp(&self, x: &Tensor, attn: &Tensor) -> Result<(Tensor, Mlp)> {
+    /// Without `need_y` (a recompute for backward, which never reads y) the
+    /// base down_proj GEMM and the residual are skipped; down_proj's adapter
+    /// record is still made (a DoRA record needs the output: then it runs).
+    fn out_and_mlp(
+        &self,
+        x: &Tensor,
+        attn: &Tensor,
+        need_y: bool,
+    ) -> Result<(Option<Tensor>, Mlp)> {
         let c = self.cfg;
         let (n, h, f) = (x.shape()[0], c.hidden_size, c.intermediate_size);
         let mut x2 = self.linear("self_attn.o_proj", attn, h)?;
@@ -264,8 +272,22 @@ impl Layer<'_> {
         let up = self.linear("mlp.up_proj", &h2, f)?;
         let mut act = self.z(&[n, f])?;
         ops::swiglu_fwd(self.ctx, &gate, &up, &mut act)?;
-        let mut y = self.linear("mlp.down_proj", &act, h)?;
-        ops::axpby(self.ctx, 1.0, &x2, 1.0, &mut y)?;
+        let down = format!("{}mlp.down_proj", self.prefix);
+        let lora = self.adapter.and_then(|a| a.layers.get(&down));
+        let y = if need_y || lora.is_some_and(|l| l.use_dora()) {
+            let mut y = self.linear("mlp.down_proj", &act, h)?;
+            ops::axpby(self.ctx, 1.0, &x2, 1.0, &mut y)?;
+            Some(y)
+        } else {
+            if let Some(l) = lora {
+                let mut saved = LoraSaved::new();
+                l.record(self.ctx, &act, &mut saved, self.mode)?;
+                self.saved
+                    .borrow_mut()
+                    .insert("mlp.down_proj".to_string(), saved);
+            }
+            None
+        };
         Ok((
             y,
             Mlp {
@@ -281,6 +303,24 @@ impl Layer<'_> {
 
     /// Forward; returns y and the activations for backward.
     pub fn forward(&self, x: &Tensor, batch: &ModelBatch) -> Result<(Tensor, LayerActs)> {
+        let (y, a) = self.run(x, batch, true)?;
+        Ok((y.expect("the output was asked for"), a))
+    }
+
+    /// The activations [`Layer::backward`] needs, recomputed from the input
+    /// under gradient checkpointing: the forward without its output (the
+    /// base down_proj GEMM, about a quarter of the layer's linear FLOPs, and
+    /// the residual add are not run).
+    pub fn recompute(&self, x: &Tensor, batch: &ModelBatch) -> Result<LayerActs> {
+        Ok(self.run(x, batch, false)?.1)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        batch: &ModelBatch,
+        need_y: bool,
+    ) -> Result<(Option<Tensor>, LayerActs)> {
         let c = self.cfg;
         let (b, t) = (batch.batch, batch.seq);
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -315,7 +355,7 @@ impl Layer<'_> {
             Gemm::default(),
         )?;
         let attn = from_heads(self.ctx, &o3, b, t, nh, d)?;
-        let (y, m) = self.out_and_mlp(x, &attn)?;
+        let (y, m) = self.out_and_mlp(x, &attn, need_y)?;
         Ok((
             y,
             LayerActs {
@@ -390,7 +430,10 @@ impl Layer<'_> {
             )?;
         }
         let attn = from_heads(self.ctx, &o, 1, tq, nh, d)?;
-        Ok(self.out_and_mlp(x, &attn)?.0)
+        Ok(self
+            .out_and_mlp(x, &attn, true)?
+            .0
+            .expect("the output was asked for"))
     }
 
     fn head_norm(&self, wname: &str, x: &Tensor, rows: usize) -> Result<(Tensor, Tensor)> {

@@ -572,7 +572,7 @@ impl Model {
     ) -> Result<Tensor> {
         let w = self.store.fetch(i + 1)?;
         let layer = self.layer(&w, i, Self::mode(batch));
-        let (_, a) = layer.forward(x, batch)?;
+        let a = layer.recompute(x, batch)?;
         let mut grads = grads;
         layer.backward(x, &a, dy, batch, &mut grads)
     }
@@ -647,7 +647,7 @@ impl Model {
             let xin = inputs.pop().expect("one input per layer");
             let a = match acts.pop().flatten() {
                 Some(a) => a,
-                None => layer.forward(&xin, batch)?.1,
+                None => layer.recompute(&xin, batch)?,
             };
             dx = layer.backward(&xin, &a, &dx, batch, &mut grads)?;
         }
