@@ -29,22 +29,24 @@ def main(paths):
                     r = json.loads(line)
                     runs.setdefault(key(r), {})[r["impl"]] = r
     rows = [
-        "| model | layers | train type | seq × mb | ckpt | llmft tok/s | HF tok/s | speed ratio | "
+        "| model | layers | train type | seq × mb | ckpt | HF variant | llmft tok/s | HF tok/s | speed ratio | "
         "llmft peak GiB | HF peak GiB | peak ratio | llmft MFU | HF MFU | GEMM ceiling TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, v in runs.items():
-        m, hf = v.get("llmft"), v.get("hf")
-        get = lambda r, f_: r.get(f_) if r else None
-        sp = m["tokens_per_s"] / hf["tokens_per_s"] if m and hf else None
-        pk = m["peak_gib"] / hf["peak_gib"] if m and hf and m.get("peak_gib") and hf.get("peak_gib") else None
-        ceiling = get(m, "gemm_ceiling_tflops") or get(hf, "gemm_ceiling_tflops")
-        rows.append(
-            f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} × {k[4]} | {'on' if k[6] else 'off'} | "
-            f"{f(get(m, 'tokens_per_s'), ',.0f')} | {f(get(hf, 'tokens_per_s'), ',.0f')} | {f(sp, '.2f')}× | "
-            f"{f(get(m, 'peak_gib'), '.2f')} | {f(get(hf, 'peak_gib'), '.2f')} | {f(pk, '.2f')}× | "
-            f"{f(get(m, 'mfu'), '.1%')} | {f(get(hf, 'mfu'), '.1%')} | {f(ceiling, '.0f')} |"
-        )
+        m = v.get("llmft")
+        for impl in sorted(i for i in v if i != "llmft") or [None]:
+            hf = v.get(impl)
+            get = lambda r, f_: r.get(f_) if r else None
+            sp = m["tokens_per_s"] / hf["tokens_per_s"] if m and hf else None
+            pk = m["peak_gib"] / hf["peak_gib"] if m and hf and m.get("peak_gib") and hf.get("peak_gib") else None
+            ceiling = get(m, "gemm_ceiling_tflops") or get(hf, "gemm_ceiling_tflops")
+            rows.append(
+                f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} × {k[4]} | {'on' if k[6] else 'off'} | {impl or '–'} | "
+                f"{f(get(m, 'tokens_per_s'), ',.0f')} | {f(get(hf, 'tokens_per_s'), ',.0f')} | {f(sp, '.2f')}× | "
+                f"{f(get(m, 'peak_gib'), '.2f')} | {f(get(hf, 'peak_gib'), '.2f')} | {f(pk, '.2f')}× | "
+                f"{f(get(m, 'mfu'), '.1%')} | {f(get(hf, 'mfu'), '.1%')} | {f(ceiling, '.0f')} |"
+            )
     print("\n".join(rows))
 
 

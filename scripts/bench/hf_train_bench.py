@@ -147,6 +147,9 @@ def main():
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--gemm-size", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kbit-prep", action="store_true",
+                   help="call peft.prepare_model_for_kbit_training first (the QLoRA tutorials' recipe: "
+                        "embedding, LM head and norms upcast to f32)")
     p.add_argument("--json")
     a = p.parse_args()
     if a.steps <= a.warmup:
@@ -167,7 +170,10 @@ def main():
     if a.train_type in ("qlora", "bnb_dora"):
         quantize_decoder_nf4(model)
     model.config.use_cache = False
-    if ckpt:
+    if a.kbit_prep:
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = peft.LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=TARGETS,
                            bias="none", task_type="CAUSAL_LM", use_dora=a.train_type == "bnb_dora")
@@ -216,7 +222,7 @@ def main():
     tps = tokens_per_step / (med / 1e3)
     n, fpt, fpt_frozen = flops(cfg, n_trainable, a.seq)
     out = {
-        "impl": "hf",
+        "impl": "hf+kbit-prep" if a.kbit_prep else "hf",
         "model": a.model, "layers": cfg.num_hidden_layers, "train_type": a.train_type, "seq": a.seq,
         "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "checkpointing": ckpt,
         "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "dtype": "bf16",

@@ -10,7 +10,8 @@
 # Needs: .gpu/e2e/llmft (cargo build --release -p llmft; copied there) and
 # .gpu/e2e/site (bitsandbytes 0.50.2 unzipped from its wheel, cuda130 library).
 # E2E_RUNS overrides the runs: "model train_type seq micro_batch layers;...".
-# E2E_ONLY=llmft|hf runs one side only.
+# E2E_ONLY=llmft|hf runs one side only. QLoRA runs are also measured with
+# HF's tutorial recipe (peft.prepare_model_for_kbit_training) unless E2E_KBIT=0.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -48,6 +49,13 @@ for r in "${list[@]}"; do
     python3 scripts/bench/hf_train_bench.py "${common[@]}" --json "$tmp" >> "$log" 2>&1 \
       || echo "hf failed: rc=$?" | tee -a "$log"
     cat "$tmp" >> "$OUT/results.jsonl"; rm -f "$tmp"
+    if [ "$tt" = qlora ] && [ "${E2E_KBIT:-1}" = 1 ]; then
+      echo "== hf+kbit-prep $tag" | tee -a "$log"
+      tmp=$(mktemp)
+      python3 scripts/bench/hf_train_bench.py "${common[@]}" --kbit-prep --json "$tmp" >> "$log" 2>&1 \
+        || echo "hf+kbit-prep failed: rc=$?" | tee -a "$log"
+      cat "$tmp" >> "$OUT/results.jsonl"; rm -f "$tmp"
+    fi
   fi
 done
 python3 scripts/bench/e2e_table.py "$OUT/results.jsonl" | tee "$OUT/table.md"

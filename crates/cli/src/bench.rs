@@ -121,8 +121,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let mut model = Model::random_quantized(config.clone(), &ctx, dtype, a.seed, quant.as_ref())
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;
     model.checkpointing = a.checkpointing;
-    let mut trainable = 0usize;
-    if train_type.uses_adapter() {
+    let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
             "r": a.lora_r,
             "lora_alpha": a.lora_alpha,
@@ -134,9 +133,25 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         let adapter = model
             .new_adapter(lora, a.seed)
             .map_err(|e| format!("creating the adapter: {e}"))?;
-        trainable = adapter.num_parameters();
+        let n = adapter.num_parameters();
         model.attach_adapter(adapter);
-    }
+        n
+    } else {
+        // full: every weight; freeze: the last `freeze_trainable_layers` layers.
+        let numel = |u: usize| -> usize {
+            config
+                .unit_tensors(u)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
+        };
+        let l = config.num_layers;
+        let k = TrainConfig::default().freeze_trainable_layers.min(l);
+        match train_type {
+            TrainType::Freeze => (l - k + 1..=l).map(numel).sum(),
+            _ => (0..config.num_units()).map(numel).sum(),
+        }
+    };
     ctx.synchronize().map_err(|e| e.to_string())?;
     let load_s = t_load.elapsed().as_secs_f64();
     let weights_bytes = cu.map(|c| c.allocator().stats().in_use);
@@ -150,11 +165,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         seed: a.seed,
         ..TrainConfig::default()
     };
-    let mut trainer = Trainer::new(train, &model)
-        .map_err(|e| format!("--train-type {}: {e}", a.train_type))?;
+    let mut trainer =
+        Trainer::new(train, &model).map_err(|e| format!("--train-type {}: {e}", a.train_type))?;
 
     let tokens_per_micro = a.micro_batch * a.seq;
-    let mut rng = a.seed ^ 0x5EED_0F_70CE_u64;
+    let mut rng = a.seed ^ 0x5EED_70CE_u64;
     let mut step_ms = Vec::with_capacity(a.steps);
     let mut fwd_bwd_ms = Vec::with_capacity(a.steps);
     let mut optim_ms = Vec::with_capacity(a.steps);
@@ -294,6 +309,7 @@ struct Flops {
 }
 
 impl Flops {
+    /// `adapter`: the adapter's parameter count (LoRA/DoRA recipes).
     fn of(c: &ModelConfig, model: &Model, tt: TrainType, adapter: usize, seq: usize) -> Self {
         let linears: usize = model
             .linear_shapes()
@@ -304,7 +320,11 @@ impl Flops {
         let per_layer = linears / c.num_layers.max(1);
         let n_trainable = match tt {
             TrainType::Full => n,
-            TrainType::Freeze => per_layer * c.num_layers.min(2),
+            TrainType::Freeze => {
+                per_layer
+                    * c.num_layers
+                        .min(TrainConfig::default().freeze_trainable_layers)
+            }
             _ => adapter,
         };
         let attn = 12.0 * (c.num_layers * c.q_dim() * seq) as f64;
