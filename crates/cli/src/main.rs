@@ -158,7 +158,12 @@ fn env_report() -> Result<(), String> {
                 .join(", ")
         }
     );
-    println!("NCCL: not used yet (multi-GPU arrives with the FSDP issue)");
+    match cuda::nccl_version() {
+        Some((a, b, c)) => {
+            println!("NCCL: {a}.{b}.{c} (multi-GPU training arrives with the FSDP work)")
+        }
+        None => println!("NCCL: not found (libnccl.so.2); only needed for multi-GPU training"),
+    }
     Ok(())
 }
 

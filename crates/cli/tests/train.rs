@@ -114,10 +114,12 @@ fn every_train_type_runs_a_few_steps() {
     ] {
         let out = scratch(&format!("type-{tt}"));
         let t = format!("train.train_type=\"{tt}\"");
+        let merged = format!("train.export_merged={}", tt == "qlora");
         let args = train_args(
             &out,
             &[
                 &t,
+                &merged,
                 "train.max_steps=3",
                 "train.eval_every=0",
                 "data.batch.batch_size=2",
@@ -138,6 +140,12 @@ fn every_train_type_runs_a_few_steps() {
             "model/model.safetensors"
         };
         assert!(out.join(file).is_file(), "{tt}: {file}");
+        if tt == "qlora" {
+            // The merged export is a dense HF folder with the tokenizer.
+            for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+                assert!(out.join("merged").join(f).is_file(), "merged/{f}");
+            }
+        }
         if tt.ends_with("dora") {
             let cfg = std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap();
             assert!(cfg.contains("\"use_dora\": true"), "{tt}: {cfg}");

@@ -39,6 +39,18 @@ pub fn driver_version() -> Option<(i32, i32)> {
     Some((v / 1000, (v % 1000) / 10))
 }
 
+/// The NCCL library's version as `(major, minor, patch)`, or `None` where
+/// `libnccl.so` cannot be loaded.
+pub fn nccl_version() -> Option<(i32, i32, i32)> {
+    // SAFETY: only probes whether the library can be opened.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return None;
+    }
+    let v = cudarc::nccl::result::get_nccl_version().ok()?;
+    // NCCL_VERSION_CODE: major·10000 + minor·100 + patch since 2.9.
+    Some((v / 10000, (v % 10000) / 100, v % 100))
+}
+
 /// Per-GPU context: the compute, copy and communication streams, the
 /// cuBLASLt handle with its workspace, the kernel cache and the caching
 /// allocator. Work is ordered on the compute stream; other streams are ordered
