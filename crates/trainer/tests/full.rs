@@ -2,49 +2,19 @@
 //! move, no decay on norms, clipping and the NaN policy over dense
 //! gradients, bit-exact resume, corrupt weight files, the errors for
 //! unsupported bases, and f16 dynamic loss scaling.
-use std::path::{Path, PathBuf};
-
 use llmft_lora::LoraConfig;
-use llmft_models::{Model, ModelBatch, QuantConfig};
+use llmft_models::{Model, QuantConfig};
 use llmft_tensor::{Ctx, DType, Tensor};
 use llmft_trainer::{
     latest_checkpoint, LossScale, NanPolicy, ScheduleKind, StepStats, TrainConfig, TrainType,
     Trainer,
 };
 
-const SEQ: usize = 12;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/llama3")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("llmft-full-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+mod common;
+use common::{batch, fixture, scratch, step_batches};
 
 fn model(ctx: &Ctx, dtype: DType) -> Model {
     Model::from_dir(&fixture(), ctx, dtype).unwrap()
-}
-
-fn row(r: usize) -> Vec<i32> {
-    (0..SEQ)
-        .map(|i| ((i * 7 + r * 13 + 3) % 96) as i32)
-        .collect()
-}
-
-fn batch(ctx: &Ctx, rows: &[usize]) -> ModelBatch {
-    let ids: Vec<i32> = rows.iter().flat_map(|&r| row(r)).collect();
-    ModelBatch::from_host(ctx, rows.len(), SEQ, &ids, None, None, None).unwrap()
-}
-
-fn step_batches(ctx: &Ctx, step: u64) -> Vec<ModelBatch> {
-    let s = step as usize;
-    vec![
-        batch(ctx, &[s % 5, (s + 1) % 5]),
-        batch(ctx, &[(s + 2) % 5]),
-    ]
 }
 
 /// Every tensor of every unit, as bits, by name.

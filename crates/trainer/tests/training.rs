@@ -1,27 +1,16 @@
 //! LoRA training of the tiny Llama fixture on CPU f32: the loss falls,
 //! accumulation matches one large batch, resume is bit-exact, non-finite
 //! steps are skipped, and checkpoints fail loudly when corrupt.
-use std::path::{Path, PathBuf};
-
 use llmft_lora::LoraConfig;
-use llmft_models::{Model, ModelBatch};
+use llmft_models::Model;
 use llmft_tensor::{Ctx, DType};
 use llmft_trainer::{
     latest_checkpoint, list_checkpoints, MetricsWriter, NanPolicy, ScheduleKind, TrainConfig,
     Trainer,
 };
 
-const SEQ: usize = 12;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fixtures/llama3")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("llmft-trainer-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+mod common;
+use common::{batch, fixture, scratch, step_batches, SEQ};
 
 fn lora_model(ctx: &Ctx, dropout: f32) -> Model {
     let mut model = Model::from_dir(&fixture(), ctx, DType::F32).unwrap();
@@ -36,27 +25,6 @@ fn lora_model(ctx: &Ctx, dropout: f32) -> Model {
     let adapter = model.new_adapter(cfg, 42).unwrap();
     model.attach_adapter(adapter);
     model
-}
-
-/// Row `r` of a synthetic dataset: a deterministic token sequence.
-fn row(r: usize) -> Vec<i32> {
-    (0..SEQ)
-        .map(|i| ((i * 7 + r * 13 + 3) % 96) as i32)
-        .collect()
-}
-
-fn batch(ctx: &Ctx, rows: &[usize]) -> ModelBatch {
-    let ids: Vec<i32> = rows.iter().flat_map(|&r| row(r)).collect();
-    ModelBatch::from_host(ctx, rows.len(), SEQ, &ids, None, None, None).unwrap()
-}
-
-/// The micro-batches of step `step` (data changes with the step).
-fn step_batches(ctx: &Ctx, step: u64) -> Vec<ModelBatch> {
-    let s = step as usize;
-    vec![
-        batch(ctx, &[s % 5, (s + 1) % 5]),
-        batch(ctx, &[(s + 2) % 5]),
-    ]
 }
 
 fn adapter_values(model: &Model) -> Vec<(String, Vec<u32>)> {
