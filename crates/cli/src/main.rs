@@ -117,7 +117,8 @@ enum DataAction {
 
 #[derive(Subcommand)]
 enum ConfigAction {
-    /// Print the resolved configuration and where each value came from.
+    /// Print the resolved configuration and where each value came from (as
+    /// `train` resolves it: with the demo job's layer when model.path is unset).
     Show(ConfigArgs),
 }
 
@@ -409,9 +410,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Config {
             action: ConfigAction::Show(args),
-        } => config::Loaded::load(args.config.as_deref(), &args.set)
-            .map(|l| print!("{}", l.show()))
-            .map_err(|e| e.to_string()),
+        } => train::settings(args.config.as_deref(), &args.set).map(|l| print!("{}", l.show())),
         Command::Merge {
             adapter,
             out,

@@ -59,15 +59,12 @@ impl TrainArgs {
 }
 
 /// The settings of a train run: with the demo's layer when no model is set.
-fn settings(args: &TrainArgs) -> Result<Settings, String> {
-    let sets = args.sets();
-    let plain = Loaded::load(args.cfg.config.as_deref(), &sets).map_err(|e| e.to_string())?;
+pub fn settings(file: Option<&Path>, sets: &[String]) -> Result<Loaded, String> {
+    let plain = Loaded::load(file, sets).map_err(|e| e.to_string())?;
     if !plain.settings.model.path.is_empty() {
-        return Ok(plain.settings);
+        return Ok(plain);
     }
-    Loaded::load_over(Some(demo::SETTINGS), args.cfg.config.as_deref(), &sets)
-        .map(|l| l.settings)
-        .map_err(|e| e.to_string())
+    Loaded::load_over(Some(demo::SETTINGS), file, sets).map_err(|e| e.to_string())
 }
 
 /// The base quantization of a run: `train.train_type`'s, refined by an
@@ -142,7 +139,7 @@ fn oom_advice(s: &Settings) -> String {
 
 /// `llmft train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
-    let mut s = settings(args)?;
+    let mut s = settings(args.cfg.config.as_deref(), &args.sets())?.settings;
     let ctx = device_ctx(&s.model.device)?;
     let dtype = dtype_for(&s.model.dtype, &ctx)?;
     let is_demo = s.model.path.is_empty();

@@ -213,3 +213,22 @@ fn example_configs_load_with_known_keys() {
     }
     assert!(n >= 3, "examples/ holds the real-run configs");
 }
+
+#[test]
+fn config_show_resolves_like_train() {
+    // No model: the demo job's layer sits between the defaults and the flags.
+    let (code, out, err) = llmft(&["config", "show", "--set", "train.max_steps=7"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("train.lr = 0.002  # the built-in demo job"),
+        "{out}"
+    );
+    assert!(out.contains("train.max_steps = 7  # --set"), "{out}");
+    // With a model: the plain defaults.
+    let (code, out, err) = llmft(&["config", "show", "--set", "model.path=org/name"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("train.lr = 0.0002  # the built-in defaults"),
+        "{out}"
+    );
+}
