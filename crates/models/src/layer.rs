@@ -25,11 +25,21 @@ pub(crate) struct LayerActs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    probs: Tensor,
+    scores: AttnRecord,
     attn: Tensor,
     mlp: Mlp,
     /// What each adapted linear's forward kept, by linear name.
     lora: HashMap<String, LoraSaved>,
+}
+
+/// What the attention's backward needs besides q, k, v.
+enum AttnRecord {
+    /// The fused kernel's output `[B, H, T, D]` (head-major) and the
+    /// log-sum-exp of each query's scaled scores `[B, H, T]`.
+    Fused { out: Tensor, lse: Tensor },
+    /// The materialized probabilities `[B, H, T, T]`, where the fused kernel
+    /// does not run (see `Layer::fused_attention`).
+    Probs(Tensor),
 }
 
 /// The attention's normalized input and Qwen3's per-head norm records.
@@ -329,12 +339,71 @@ impl Layer<'_> {
         let k = to_heads(self.ctx, &p.k, b, t, nkv, d)?;
         let v = to_heads(self.ctx, &p.v, b, t, nkv, d)?;
 
-        // Grouped attention: the `rep` query heads of a kv head are contiguous.
-        let rep = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
+        let (attn, scores) = if self.fused_attention() {
+            let mut out = self.z(&[b, nh, t, d])?;
+            let mut lse = self.f32z(&[b, nh, t])?;
+            ops::flash_attn_fwd(
+                self.ctx,
+                &q,
+                &k,
+                &v,
+                batch.segments.as_ref(),
+                scale,
+                &mut out,
+                &mut lse,
+            )?;
+            let attn = from_heads(self.ctx, &out, b, t, nh, d)?;
+            (attn, AttnRecord::Fused { out, lse })
+        } else {
+            let probs = self.materialized_attn(&q, &k, batch, scale)?;
+            let o3 = self.probs_v(&probs, &v, b, t)?;
+            let attn = from_heads(self.ctx, &o3, b, t, nh, d)?;
+            (attn, AttnRecord::Probs(probs))
+        };
+        let (y, m) = self.out_and_mlp(x, &attn, need_y)?;
+        Ok((
+            y,
+            LayerActs {
+                inp: p.inp,
+                q,
+                k,
+                v,
+                scores,
+                attn,
+                mlp: m,
+                lora: self.saved.take(),
+            },
+        ))
+    }
+
+    /// Whether attention runs through the fused kernel: on CUDA, bf16/f16,
+    /// head dims 64 and 128 (those of the real models, where it was
+    /// measured). The CPU and the tiny test models' head dims keep the
+    /// materialized path, whose behaviour (including the out-of-memory error
+    /// for a row whose `T × T` scores cannot fit) their tests are written for.
+    fn fused_attention(&self) -> bool {
+        let d = self.cfg.head_dim;
+        self.ctx.cuda_ctx().is_some()
+            && matches!(d, 64 | 128)
+            && ops::flash_attn_supported(self.ctx, self.dt, d)
+    }
+
+    /// The materialized fallback: `softmax_causal(q·kᵀ · scale)` as
+    /// `[B, H, T, T]` probabilities (grouped: the `rep` query heads of a kv
+    /// head are contiguous, so one batched GEMM per kv head).
+    fn materialized_attn(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        batch: &ModelBatch,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (b, t) = (batch.batch, batch.seq);
+        let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
         let q3 = q.reshape(&[b * nkv, rep * t, d])?;
         let k3 = k.reshape(&[b * nkv, t, d])?;
-        let v3 = v.reshape(&[b * nkv, t, d])?;
         let mut scores = self.z(&[b * nkv, rep * t, t])?;
         ops::gemm(self.ctx, &q3, &k3, &mut scores, Gemm::nt())?;
         let mut probs = self.z(&[b, nh, t, t])?;
@@ -345,30 +414,22 @@ impl Layer<'_> {
             scale,
             &mut probs,
         )?;
-        drop(scores);
+        Ok(probs)
+    }
+
+    /// `probs · v` of the materialized fallback, `[B·kv_heads, rep·T, D]`.
+    fn probs_v(&self, probs: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
         let mut o3 = self.z(&[b * nkv, rep * t, d])?;
         ops::gemm(
             self.ctx,
             &probs.reshape(&[b * nkv, rep * t, t])?,
-            &v3,
+            &v.reshape(&[b * nkv, t, d])?,
             &mut o3,
             Gemm::default(),
         )?;
-        let attn = from_heads(self.ctx, &o3, b, t, nh, d)?;
-        let (y, m) = self.out_and_mlp(x, &attn, need_y)?;
-        Ok((
-            y,
-            LayerActs {
-                inp: p.inp,
-                q,
-                k,
-                v,
-                probs,
-                attn,
-                mlp: m,
-                lora: self.saved.take(),
-            },
-        ))
+        Ok(o3)
     }
 
     /// Inference forward of `x [tq, H]` (one sequence) at positions
@@ -476,6 +537,47 @@ impl Layer<'_> {
         Ok(dx.reshape(dy.shape())?)
     }
 
+    /// Backward of the materialized fallback: dq `[B·kv_heads, rep·T, D]`,
+    /// dk and dv `[B·kv_heads, T, D]`.
+    fn materialized_attn_bwd(
+        &self,
+        a: &LayerActs,
+        probs: &Tensor,
+        d_o: &Tensor,
+        b: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
+        let d_o3 = d_o.reshape(&[b * nkv, rep * t, d])?;
+        let p3 = probs.reshape(&[b * nkv, rep * t, t])?;
+        let (q3, k3, v3) = (
+            a.q.reshape(&[b * nkv, rep * t, d])?,
+            a.k.reshape(&[b * nkv, t, d])?,
+            a.v.reshape(&[b * nkv, t, d])?,
+        );
+        let mut dp = self.z(&[b * nkv, rep * t, t])?;
+        ops::gemm(self.ctx, &d_o3, &v3, &mut dp, Gemm::nt())?;
+        let mut dv = self.z(&[b * nkv, t, d])?;
+        ops::gemm(self.ctx, &p3, &d_o3, &mut dv, Gemm::tn())?;
+        let mut ds = self.z(&[b, nh, t, t])?;
+        ops::softmax_causal_bwd(
+            self.ctx,
+            probs,
+            &dp.reshape(&[b, nh, t, t])?,
+            scale,
+            &mut ds,
+        )?;
+        drop(dp);
+        let ds3 = ds.reshape(&[b * nkv, rep * t, t])?;
+        let mut dq = self.z(&[b * nkv, rep * t, d])?;
+        ops::gemm(self.ctx, &ds3, &k3, &mut dq, Gemm::default())?;
+        let mut dk = self.z(&[b * nkv, t, d])?;
+        ops::gemm(self.ctx, &ds3, &q3, &mut dk, Gemm::tn())?;
+        Ok((dq, dk, dv))
+    }
+
     /// Backward: returns dx given dy and the forward's activations.
     pub fn backward(
         &self,
@@ -489,7 +591,6 @@ impl Layer<'_> {
         let (n, h, f) = (x.shape()[0], c.hidden_size, c.intermediate_size);
         let (b, t) = (batch.batch, batch.seq);
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let rep = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
 
         // MLP: y = x2 + down(act)
@@ -560,32 +661,30 @@ impl Layer<'_> {
             grads,
         )?;
         let d_o = to_heads(self.ctx, &dattn.reshape(&[n, nh, d])?, b, t, nh, d)?;
-        let d_o3 = d_o.reshape(&[b * nkv, rep * t, d])?;
-        let p3 = a.probs.reshape(&[b * nkv, rep * t, t])?;
-        let (q3, k3, v3) = (
-            a.q.reshape(&[b * nkv, rep * t, d])?,
-            a.k.reshape(&[b * nkv, t, d])?,
-            a.v.reshape(&[b * nkv, t, d])?,
-        );
-        let mut dp = self.z(&[b * nkv, rep * t, t])?;
-        ops::gemm(self.ctx, &d_o3, &v3, &mut dp, Gemm::nt())?;
-        let mut dv = self.z(&[b * nkv, t, d])?;
-        ops::gemm(self.ctx, &p3, &d_o3, &mut dv, Gemm::tn())?;
-        let mut ds = self.z(&[b, nh, t, t])?;
-        ops::softmax_causal_bwd(
-            self.ctx,
-            &a.probs,
-            &dp.reshape(&[b, nh, t, t])?,
-            scale,
-            &mut ds,
-        )?;
-        drop(dp);
-        let ds3 = ds.reshape(&[b * nkv, rep * t, t])?;
-        let mut dq = self.z(&[b * nkv, rep * t, d])?;
-        ops::gemm(self.ctx, &ds3, &k3, &mut dq, Gemm::default())?;
-        let mut dk = self.z(&[b * nkv, t, d])?;
-        ops::gemm(self.ctx, &ds3, &q3, &mut dk, Gemm::tn())?;
-        drop(ds);
+        let (dq, dk, dv) = match &a.scores {
+            AttnRecord::Fused { out, lse } => {
+                let mut dq = self.z(&[b, nh, t, d])?;
+                let mut dk = self.z(&[b, nkv, t, d])?;
+                let mut dv = self.z(&[b, nkv, t, d])?;
+                ops::flash_attn_bwd(
+                    self.ctx,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    out,
+                    &d_o,
+                    lse,
+                    batch.segments.as_ref(),
+                    scale,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                )?;
+                (dq, dk, dv)
+            }
+            AttnRecord::Probs(probs) => self.materialized_attn_bwd(a, probs, &d_o, b, t, scale)?,
+        };
+        drop(d_o);
         let dq_tok = from_heads(self.ctx, &dq, b, t, nh, d)?;
         let dk_tok = from_heads(self.ctx, &dk, b, t, nkv, d)?;
         let dv_tok = from_heads(self.ctx, &dv, b, t, nkv, d)?;

@@ -2,6 +2,7 @@
 //! path (the reference) and a CUDA path. The device is chosen by the `Ctx`;
 //! every tensor argument must live on that device.
 mod adamw;
+mod attention;
 mod basic;
 mod elementwise;
 mod embedding;
@@ -16,6 +17,7 @@ mod softmax;
 mod swiglu;
 
 pub use adamw::{adamw_step, AdamWParams};
+pub use attention::{flash_attn_bwd, flash_attn_fwd, flash_attn_supported};
 pub use basic::{cast, fill};
 pub use elementwise::{add, axpby, mul};
 pub use embedding::{embedding_bwd, embedding_fwd};

@@ -1,0 +1,398 @@
+//! Fused causal attention: `o = softmax(scale · q·kᵀ) · v` over the visible
+//! keys without materializing the `T × T` scores (FlashAttention-2 on CUDA).
+use cudarc::driver::LaunchConfig;
+
+use super::{dtype_in, dtype_is, on_ctx, read_f32, shape_is, write_f32, FLOATS};
+use crate::cuda::launch;
+use crate::{Ctx, DType, Error, Result, Tensor};
+
+/// Head dims the CUDA kernels are instantiated for.
+const CUDA_HEAD_DIMS: &[usize] = &[16, 32, 64, 128];
+/// Query rows (forward) and key rows (backward) per CUDA block.
+const TILE: usize = 64;
+/// Threads per CUDA block (4 warps).
+const THREADS: u32 = 128;
+
+/// Whether [`flash_attn_fwd`]/[`flash_attn_bwd`] run on `ctx` for `dtype`
+/// and `head_dim`: always on the CPU; on CUDA for bf16/f16 with head dims
+/// 16, 32, 64 or 128 (callers fall back to materialized attention otherwise).
+pub fn flash_attn_supported(ctx: &Ctx, dtype: DType, head_dim: usize) -> bool {
+    match ctx.cuda_ctx() {
+        None => FLOATS.contains(&dtype),
+        Some(_) => matches!(dtype, DType::BF16 | DType::F16) && CUDA_HEAD_DIMS.contains(&head_dim),
+    }
+}
+
+/// The checked dimensions of one call.
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+}
+
+fn check(
+    op: &'static str,
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Option<&Tensor>,
+    lse: &Tensor,
+) -> Result<Dims> {
+    on_ctx(ctx, op, &[("q", q), ("k", k), ("v", v), ("lse", lse)])?;
+    dtype_in(op, "q", q, FLOATS)?;
+    dtype_is(op, "k", k, q.dtype())?;
+    dtype_is(op, "v", v, q.dtype())?;
+    dtype_is(op, "lse", lse, DType::F32)?;
+    let (qs, ks) = (q.shape(), k.shape());
+    if qs.len() != 4 || ks.len() != 4 || ks[1] == 0 || qs[1] % ks[1] != 0 {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "q must be [batch, q_heads, seq, head_dim] and k [batch, kv_heads, seq, head_dim] \
+                 with q_heads a multiple of kv_heads, got {qs:?} and {ks:?}"
+            ),
+        });
+    }
+    let dims = Dims {
+        b: qs[0],
+        hq: qs[1],
+        hkv: ks[1],
+        t: qs[2],
+        d: qs[3],
+    };
+    shape_is(op, "k", k, &[dims.b, dims.hkv, dims.t, dims.d])?;
+    shape_is(op, "v", v, k.shape())?;
+    shape_is(op, "lse", lse, &[dims.b, dims.hq, dims.t])?;
+    if let Some(seg) = segments {
+        on_ctx(ctx, op, &[("segments", seg)])?;
+        dtype_is(op, "segments", seg, DType::I32)?;
+        shape_is(op, "segments", seg, &[dims.b, dims.t])?;
+    }
+    Ok(dims)
+}
+
+/// Kernel names per (dtype, head dim), in the order of [`CUDA_HEAD_DIMS`]
+/// (bf16 first, then f16).
+macro_rules! names {
+    ($base:literal) => {
+        [
+            concat!($base, "_bf16_d16"),
+            concat!($base, "_bf16_d32"),
+            concat!($base, "_bf16_d64"),
+            concat!($base, "_bf16_d128"),
+            concat!($base, "_f16_d16"),
+            concat!($base, "_f16_d32"),
+            concat!($base, "_f16_d64"),
+            concat!($base, "_f16_d128"),
+        ]
+    };
+}
+const FWD: [&str; 8] = names!("flash_attn_fwd");
+const BWD_PRE: [&str; 8] = names!("flash_attn_bwd_pre");
+const BWD: [&str; 8] = names!("flash_attn_bwd");
+
+/// The index of this call's CUDA kernels in [`FWD`] etc., or why this call
+/// is not supported.
+fn cuda_kernel(op: &'static str, dt: DType, dims: &Dims, ptrs: &[u64]) -> Result<usize> {
+    let di = CUDA_HEAD_DIMS.iter().position(|&x| x == dims.d);
+    let idx = match (dt, di) {
+        (DType::BF16, Some(i)) => i,
+        (DType::F16, Some(i)) => CUDA_HEAD_DIMS.len() + i,
+        _ => {
+            return Err(Error::Invalid {
+                op,
+                msg: format!(
+                    "the CUDA kernel takes bf16 or f16 with head_dim 16, 32, 64 or 128, got {dt} \
+                     with head_dim {} (see flash_attn_supported)",
+                    dims.d
+                ),
+            })
+        }
+    };
+    // The kernels move 16-byte vectors.
+    if ptrs.iter().any(|p| p % 16 != 0) {
+        return Err(Error::Invalid {
+            op,
+            msg: "the CUDA kernel needs 16-byte aligned tensors".into(),
+        });
+    }
+    if dims.b * dims.hq > 65535 {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "batch × heads = {} exceeds the kernel's grid",
+                dims.b * dims.hq
+            ),
+        });
+    }
+    Ok(idx)
+}
+
+fn grid(x: usize, y: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether key `j` is visible to the query at position `i` of row `bi`.
+fn visible(seg: Option<&[i32]>, t: usize, bi: usize, i: usize, j: usize) -> bool {
+    j <= i && seg.is_none_or(|s| s[bi * t + j] == s[bi * t + i])
+}
+
+/// Causal attention forward: `out = softmax(scale · q·kᵀ)·v` over the
+/// visible keys, and `lse` = the log-sum-exp of the scaled visible scores.
+///
+/// `q [B, Hq, T, D]`, `k`/`v [B, Hkv, T, D]` head-major; query head `h`
+/// reads kv head `h / (Hq / Hkv)`. Key `j` is visible to query `i` when
+/// `j ≤ i` and, given `segments [B, T]` (i32 example ids of packed rows),
+/// `segments[j] == segments[i]`. `out` is like `q`; `lse [B, Hq, T]` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd(
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "flash_attn_fwd";
+    let dm = check(OP, ctx, q, k, v, segments, lse)?;
+    on_ctx(ctx, OP, &[("out", out)])?;
+    dtype_is(OP, "out", out, q.dtype())?;
+    shape_is(OP, "out", out, q.shape())?;
+    if q.numel() == 0 {
+        return Ok(());
+    }
+    if let Some(cu) = ctx.cuda_ctx() {
+        let (qp, kp, vp, op, lp) = (
+            q.device_ptr()?,
+            k.device_ptr()?,
+            v.device_ptr()?,
+            out.device_ptr()?,
+            lse.device_ptr()?,
+        );
+        let ki = cuda_kernel(OP, q.dtype(), &dm, &[qp, kp, vp, op])?;
+        let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
+        let c = grid(dm.t.div_ceil(TILE), dm.b * dm.hq);
+        return launch!(
+            cu,
+            "flash_attn",
+            FWD[ki],
+            c,
+            qp,
+            kp,
+            vp,
+            segp,
+            op,
+            lp,
+            dm.hq as i32,
+            dm.hkv as i32,
+            dm.t as i32,
+            scale
+        );
+    }
+    let (qv, kv, vv) = (read_f32(q)?, read_f32(k)?, read_f32(v)?);
+    let seg = segments.map(|t| t.as_slice::<i32>()).transpose()?;
+    let Dims { b, hq, hkv, t, d } = dm;
+    let rep = hq / hkv;
+    let mut lse_v = vec![0f32; b * hq * t];
+    write_f32(out, |o| {
+        let mut s = vec![0f64; t];
+        let mut acc = vec![0f64; d];
+        for bi in 0..b {
+            for h in 0..hq {
+                let qh = (bi * hq + h) * t * d;
+                let kh = (bi * hkv + h / rep) * t * d;
+                for i in 0..t {
+                    let qi = &qv[qh + i * d..qh + (i + 1) * d];
+                    let mut mx = f64::NEG_INFINITY;
+                    for j in (0..=i).filter(|&j| visible(seg, t, bi, i, j)) {
+                        let kj = &kv[kh + j * d..kh + (j + 1) * d];
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        s[j] = scale as f64 * dot;
+                        mx = mx.max(s[j]);
+                    }
+                    acc.fill(0.0);
+                    let mut sum = 0f64;
+                    for j in (0..=i).filter(|&j| visible(seg, t, bi, i, j)) {
+                        let p = (s[j] - mx).exp();
+                        sum += p;
+                        let vj = &vv[kh + j * d..kh + (j + 1) * d];
+                        for (a, x) in acc.iter_mut().zip(vj) {
+                            *a += p * *x as f64;
+                        }
+                    }
+                    let row = qh + i * d;
+                    for (o, a) in o[row..row + d].iter_mut().zip(&acc) {
+                        *o = (a / sum) as f32;
+                    }
+                    lse_v[(bi * hq + h) * t + i] = (mx + sum.ln()) as f32;
+                }
+            }
+        }
+    })?;
+    lse.as_mut_slice::<f32>()?.copy_from_slice(&lse_v);
+    Ok(())
+}
+
+/// Backward of [`flash_attn_fwd`] given its `out` and `lse` and the output
+/// gradient `d_out`: writes `dq` (like `q`) and `dk`, `dv` (like `k`, each
+/// summed over the query heads sharing a kv head). With `P` recomputed from
+/// `lse`: `dv = Pᵀ·dO`, `dS = P ∘ (dO·vᵀ − rowsum(dO ∘ out))`,
+/// `dq = scale · dS·k`, `dk = scale · dSᵀ·q`. On CUDA two f32 scratch
+/// buffers (`[B, Hq, T]` and the dq accumulator `[B, Hq, T, D]`) come from
+/// the caching allocator.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bwd(
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    lse: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    dv: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "flash_attn_bwd";
+    let dm = check(OP, ctx, q, k, v, segments, lse)?;
+    on_ctx(
+        ctx,
+        OP,
+        &[
+            ("out", out),
+            ("d_out", d_out),
+            ("dq", dq),
+            ("dk", dk),
+            ("dv", dv),
+        ],
+    )?;
+    for (what, t, like) in [
+        ("out", out, q),
+        ("d_out", d_out, q),
+        ("dq", &*dq, q),
+        ("dk", &*dk, k),
+        ("dv", &*dv, k),
+    ] {
+        dtype_is(OP, what, t, q.dtype())?;
+        shape_is(OP, what, t, like.shape())?;
+    }
+    if q.numel() == 0 {
+        return Ok(());
+    }
+    let Dims { b, hq, hkv, t, d } = dm;
+    if let Some(cu) = ctx.cuda_ctx() {
+        let (qp, kp, vp, op, dop, lp) = (
+            q.device_ptr()?,
+            k.device_ptr()?,
+            v.device_ptr()?,
+            out.device_ptr()?,
+            d_out.device_ptr()?,
+            lse.device_ptr()?,
+        );
+        let (dqp, dkp, dvp) = (dq.device_ptr()?, dk.device_ptr()?, dv.device_ptr()?);
+        let ki = cuda_kernel(OP, q.dtype(), &dm, &[qp, kp, vp, op, dop, dqp, dkp, dvp])?;
+        let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
+        let dsum = Tensor::empty(ctx, DType::F32, &[b, hq, t])?;
+        let acc = Tensor::empty(ctx, DType::F32, &[b, hq, t, d])?;
+        let (dsp, accp) = (dsum.device_ptr()?, acc.device_ptr()?);
+        let cast = if q.dtype() == DType::BF16 {
+            "flash_attn_bwd_dq_bf16"
+        } else {
+            "flash_attn_bwd_dq_f16"
+        };
+        let rows = b * hq * t;
+        // One warp per row: 4 rows per block.
+        let c = grid(rows.div_ceil(4), 1);
+        launch!(
+            cu,
+            "flash_attn",
+            BWD_PRE[ki],
+            c,
+            op,
+            dop,
+            dsp,
+            accp,
+            rows as i64
+        )?;
+        let c = grid(t.div_ceil(TILE), b * hkv);
+        launch!(
+            cu,
+            "flash_attn",
+            BWD[ki],
+            c,
+            qp,
+            kp,
+            vp,
+            dop,
+            lp,
+            dsp,
+            segp,
+            accp,
+            dkp,
+            dvp,
+            hq as i32,
+            hkv as i32,
+            t as i32,
+            scale
+        )?;
+        let n = rows * d;
+        let c = crate::cuda::cfg(super::blocks_for(n, 1), super::THREADS, 0);
+        return launch!(cu, "flash_attn", cast, c, accp, dqp, n as i64, scale);
+    }
+    let (qv, kv, vv) = (read_f32(q)?, read_f32(k)?, read_f32(v)?);
+    let (ov, dov, lv) = (read_f32(out)?, read_f32(d_out)?, lse.as_slice::<f32>()?);
+    let seg = segments.map(|t| t.as_slice::<i32>()).transpose()?;
+    let rep = hq / hkv;
+    let mut gq = vec![0f64; b * hq * t * d];
+    let mut gk = vec![0f64; b * hkv * t * d];
+    let mut gv = vec![0f64; b * hkv * t * d];
+    let sc = scale as f64;
+    for bi in 0..b {
+        for h in 0..hq {
+            let qh = (bi * hq + h) * t * d;
+            let kh = (bi * hkv + h / rep) * t * d;
+            for i in 0..t {
+                let row = qh + i * d;
+                let (qi, doi) = (&qv[row..row + d], &dov[row..row + d]);
+                let dsum: f64 = doi
+                    .iter()
+                    .zip(&ov[row..row + d])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let l = lv[(bi * hq + h) * t + i] as f64;
+                for j in (0..=i).filter(|&j| visible(seg, t, bi, i, j)) {
+                    let kr = kh + j * d;
+                    let (kj, vj) = (&kv[kr..kr + d], &vv[kr..kr + d]);
+                    let s: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let p = (sc * s - l).exp();
+                    let dp: f64 = doi.iter().zip(vj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let ds = p * (dp - dsum);
+                    for x in 0..d {
+                        gq[row + x] += sc * ds * kj[x] as f64;
+                        gk[kr + x] += sc * ds * qi[x] as f64;
+                        gv[kr + x] += p * doi[x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    for (dst, src) in [(dq, &gq), (dk, &gk), (dv, &gv)] {
+        write_f32(dst, |o| {
+            for (o, s) in o.iter_mut().zip(src.iter()) {
+                *o = *s as f32;
+            }
+        })?;
+    }
+    Ok(())
+}

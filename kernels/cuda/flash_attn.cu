@@ -1,0 +1,485 @@
+// Fused causal attention (FlashAttention-2 scheme) on tensor cores, bf16/f16
+// in, f32 accumulate. q [B, Hq, T, D], k/v [B, Hkv, T, D] head-major; query
+// head h reads kv head h / (Hq / Hkv). Key j is visible to the query at
+// position i when j <= i and, with segment ids seg [B, T], seg[j] == seg[i].
+// Scores are never materialized: the forward keeps a running max and sum per
+// query row and writes o and lse = log-sum-exp of the scaled visible scores;
+// the backward recomputes P from lse.
+//
+// Work split: 4 warps per block; the forward gives each warp 16 query rows of
+// a 64-row tile and walks 64-key tiles; the backward gives each warp 16 keys
+// of a 64-key tile and walks every query tile (of every query head sharing the
+// kv head) that can see them, so dk/dv need no atomics; dq is accumulated in
+// f32 with atomics and scaled/cast by a last small kernel.
+#define FA_WARPS 4
+#define FA_THREADS (FA_WARPS * 32)
+#define FA_BM 64
+#define FA_BN 64
+#define FA_LOG2E 1.4426950408889634f
+#define FA_LN2 0.6931471805599453f
+
+__device__ __forceinline__ u32_t fa_smem(const void* p) {
+    u32_t r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void fa_ldsm(u32_t* r, u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void fa_ldsm_t(u32_t* r, u32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// Per element type: the m16n8k16 MMA and packing two f32 into one register
+// (lower column in the low half).
+struct FaBF16 {
+    static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ u32_t pack(float lo, float hi) {
+        u32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float load(const unsigned short* p, long long i) {
+        return bf16_to_f32(p[i]);
+    }
+    static __device__ __forceinline__ unsigned short store(float v) { return f32_to_bf16(v); }
+};
+struct FaF16 {
+    static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ u32_t pack(float lo, float hi) {
+        u32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float load(const unsigned short* p, long long i) {
+        return f16_to_f32(p[i]);
+    }
+    static __device__ __forceinline__ unsigned short store(float v) { return f32_to_f16(v); }
+};
+
+// Rows [r0, r0 + R) of a [T, D] matrix into shared memory with row stride
+// D + 8 (16-byte rows, no ldmatrix bank conflicts); rows past T are zeros.
+template <int R, int D>
+__device__ __forceinline__ void fa_load_tile(unsigned short* s, const unsigned short* g, int r0,
+                                             int T) {
+    const int VPR = D / 8;
+    for (int i = threadIdx.x; i < R * VPR; i += FA_THREADS) {
+        int r = i / VPR, c = (i % VPR) * 8;
+        Vec16 v;
+        v.w[0] = v.w[1] = v.w[2] = v.w[3] = 0u;
+        if (r0 + r < T) v = *reinterpret_cast<const Vec16*>(g + (long long)(r0 + r) * D + c);
+        *reinterpret_cast<Vec16*>(s + r * (D + 8) + c) = v;
+    }
+}
+
+// Sum over the 4 threads of a quad (the threads sharing a fragment row).
+__device__ __forceinline__ float fa_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float fa_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Forward: grid (ceil(T / 64) query tiles, B * Hq).
+template <typename E, int D>
+__device__ void fa_fwd_body(const unsigned short* q, const unsigned short* k,
+                            const unsigned short* v, const int* seg, unsigned short* o,
+                            float* lse, int Hq, int Hkv, int T, float scale) {
+    const int SD = D + 8;
+    __shared__ __align__(16) unsigned short sK[FA_BN * SD];
+    __shared__ __align__(16) unsigned short sV[FA_BN * SD];
+    __shared__ int sSeg[FA_BN];
+    // The longest rows (most key tiles) start first.
+    const int mt = gridDim.x - 1 - blockIdx.x;
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+    const int hk = h / (Hq / Hkv);
+    const unsigned short* qb = q + (long long)bh * T * D;
+    const unsigned short* kb = k + ((long long)b * Hkv + hk) * T * D;
+    const unsigned short* vb = v + ((long long)b * Hkv + hk) * T * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int q0 = mt * FA_BM;
+
+    // This warp's 16 query rows as MMA A fragments (staged through sK).
+    fa_load_tile<FA_BM, D>(sK, qb, q0, T);
+    __syncthreads();
+    u32_t qf[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        fa_ldsm(qf[ks], fa_smem(sK + (warp * 16 + (lane & 15)) * SD + ks * 16 + (lane >> 4) * 8));
+    __syncthreads();
+
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const int* sg = seg ? seg + (long long)b * T : 0;
+    const int sg0 = (sg && r0 < T) ? sg[r0] : -1;
+    const int sg1 = (sg && r1 < T) ? sg[r1] : -1;
+    const float sl2 = scale * FA_LOG2E;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    const int q_last = min(q0 + FA_BM, T) - 1;
+    const int nkt = q_last / FA_BN + 1;
+    for (int kt = 0; kt < nkt; ++kt) {
+        const int k0 = kt * FA_BN;
+        fa_load_tile<FA_BN, D>(sK, kb, k0, T);
+        fa_load_tile<FA_BN, D>(sV, vb, k0, T);
+        if (threadIdx.x < FA_BN) {
+            int j = k0 + threadIdx.x;
+            sSeg[threadIdx.x] = (sg && j < T) ? sg[j] : -2;
+        }
+        __syncthreads();
+        float s[FA_BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < FA_BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+            for (int np = 0; np < FA_BN / 16; ++np) {
+                u32_t bk[4];
+                fa_ldsm(bk, fa_smem(sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * SD + ks * 16 +
+                                    ((lane >> 3) & 1) * 8));
+                E::mma(s[2 * np], qf[ks], bk[0], bk[1]);
+                E::mma(s[2 * np + 1], qf[ks], bk[2], bk[3]);
+            }
+        }
+        // Mask, scale into the log2 domain, new running maxima.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int jl = nt * 8 + tq * 2 + (e & 1);
+                int j = k0 + jl;
+                int row = e < 2 ? r0 : r1;
+                bool vis = j <= row && (!sg || sSeg[jl] == (e < 2 ? sg0 : sg1));
+                float x = vis ? s[nt][e] * sl2 : NEG_INF;
+                s[nt][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x);
+                else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = fa_quad_max(mx0);
+        mx1 = fa_quad_max(mx1);
+        // A row with nothing visible yet keeps max -inf: shift by 0 (exp2 gives 0).
+        const float base0 = mx0 == NEG_INF ? 0.f : mx0;
+        const float base1 = mx1 == NEG_INF ? 0.f : mx1;
+        const float al0 = exp2f(m0 - base0), al1 = exp2f(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - base0);
+            s[nt][1] = exp2f(s[nt][1] - base0);
+            s[nt][2] = exp2f(s[nt][2] - base1);
+            s[nt][3] = exp2f(s[nt][3] - base1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        // Per-thread partial sums; the quad is summed once at the end.
+        l0 = l0 * al0 + ps0;
+        l1 = l1 * al1 + ps1;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            acc[i][0] *= al0;
+            acc[i][1] *= al0;
+            acc[i][2] *= al1;
+            acc[i][3] *= al1;
+        }
+        // o += P·V, P straight from the score fragments.
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; ++kk) {
+            u32_t pa[4] = {E::pack(s[2 * kk][0], s[2 * kk][1]), E::pack(s[2 * kk][2], s[2 * kk][3]),
+                           E::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           E::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32_t bv[4];
+                fa_ldsm_t(bv, fa_smem(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD +
+                                      dp * 16 + (lane >> 4) * 8));
+                E::mma(acc[2 * dp], pa, bv[0], bv[1]);
+                E::mma(acc[2 * dp + 1], pa, bv[2], bv[3]);
+            }
+        }
+        __syncthreads();
+    }
+    l0 = fa_quad_sum(l0);
+    l1 = fa_quad_sum(l1);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    unsigned short* ob = o + (long long)bh * T * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        int c = i * 8 + tq * 2;
+        if (r0 < T)
+            *reinterpret_cast<u32_t*>(ob + (long long)r0 * D + c) =
+                E::pack(acc[i][0] * inv0, acc[i][1] * inv0);
+        if (r1 < T)
+            *reinterpret_cast<u32_t*>(ob + (long long)r1 * D + c) =
+                E::pack(acc[i][2] * inv1, acc[i][3] * inv1);
+    }
+    if (tq == 0) {
+        if (r0 < T) lse[(long long)bh * T + r0] = (m0 + log2f(l0)) * FA_LN2;
+        if (r1 < T) lse[(long long)bh * T + r1] = (m1 + log2f(l1)) * FA_LN2;
+    }
+}
+
+// Backward pre-pass: dsum[row] = Σ_d dO·O (one warp per row); also zeroes
+// the f32 dq accumulator rows.
+template <typename E, int D>
+__device__ void fa_bwd_pre_body(const unsigned short* o, const unsigned short* d_o, float* dsum,
+                                float* dq_acc, long long rows) {
+    long long row = (long long)blockIdx.x * FA_WARPS + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float s = 0.f;
+    for (int c = lane; c < D; c += 32) {
+        s += E::load(o, row * D + c) * E::load(d_o, row * D + c);
+        dq_acc[row * D + c] = 0.f;
+    }
+    s = warp_sum(s);
+    if (lane == 0) dsum[row] = s;
+}
+
+// Backward main pass: grid (ceil(T / 64) key tiles, B * Hkv). BQ query rows
+// per step (64 for D <= 64; 32 for D = 128 to stay in 48 KB of shared memory).
+template <typename E, int D, int BQ>
+__device__ void fa_bwd_body(const unsigned short* q, const unsigned short* k,
+                            const unsigned short* v, const unsigned short* d_o, const float* lse,
+                            const float* dsum, const int* seg, float* dq_acc, unsigned short* dk,
+                            unsigned short* dv, int Hq, int Hkv, int T, float scale) {
+    const int SD = D + 8, SS = BQ + 8;
+    __shared__ __align__(16) unsigned short sK[FA_BN * SD];
+    __shared__ __align__(16) unsigned short sQ[BQ * SD];
+    __shared__ __align__(16) unsigned short sO[BQ * SD];
+    __shared__ __align__(16) unsigned short sS[FA_BN * SS];
+    __shared__ float sL[BQ], sDs[BQ];
+    __shared__ int sSq[BQ];
+    const int kt = blockIdx.x, bk = blockIdx.y, b = bk / Hkv, hk = bk % Hkv;
+    const int rep = Hq / Hkv;
+    const int k0 = kt * FA_BN;
+    const unsigned short* kb = k + (long long)bk * T * D;
+    const unsigned short* vb = v + (long long)bk * T * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    // This warp's 16 rows of V as A fragments (staged through sK), then K.
+    fa_load_tile<FA_BN, D>(sK, vb, k0, T);
+    __syncthreads();
+    u32_t vf[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        fa_ldsm(vf[ks], fa_smem(sK + (warp * 16 + (lane & 15)) * SD + ks * 16 + (lane >> 4) * 8));
+    __syncthreads();
+    fa_load_tile<FA_BN, D>(sK, kb, k0, T);
+
+    const int j0 = k0 + warp * 16 + g, j1 = j0 + 8;
+    const int* sg = seg ? seg + (long long)b * T : 0;
+    const int sk0 = (sg && j0 < T) ? sg[j0] : -2;
+    const int sk1 = (sg && j1 < T) ? sg[j1] : -2;
+    const float sl2 = scale * FA_LOG2E;
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+
+    // dq's split of the BQ x D tile over the warps.
+    const int MT = BQ / 16, WPM = FA_WARPS / MT, NTW = (D / 8) / WPM;
+    const int mtile = warp % MT, part = warp / MT;
+
+    for (int hr = 0; hr < rep; ++hr) {
+        const long long bhq = (long long)b * Hq + hk * rep + hr;
+        const unsigned short* qb = q + bhq * T * D;
+        const unsigned short* ob = d_o + bhq * T * D;
+        for (int q0 = (k0 / BQ) * BQ; q0 < T; q0 += BQ) {
+            __syncthreads();
+            fa_load_tile<BQ, D>(sQ, qb, q0, T);
+            fa_load_tile<BQ, D>(sO, ob, q0, T);
+            if (threadIdx.x < BQ) {
+                int i = q0 + threadIdx.x;
+                bool in = i < T;
+                sL[threadIdx.x] = in ? lse[bhq * T + i] * FA_LOG2E : POS_INF;
+                sDs[threadIdx.x] = in ? dsum[bhq * T + i] : 0.f;
+                sSq[threadIdx.x] = in ? (sg ? sg[i] : 0) : -3;
+            }
+            __syncthreads();
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys x BQ queries.
+            float st[BQ / 8][4], dpt[BQ / 8][4];
+#pragma unroll
+            for (int i = 0; i < BQ / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                u32_t ka[4];
+                fa_ldsm(ka, fa_smem(sK + (warp * 16 + (lane & 15)) * SD + ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int np = 0; np < BQ / 16; ++np) {
+                    int off = (np * 16 + (lane & 7) + (lane >> 4) * 8) * SD + ks * 16 +
+                              ((lane >> 3) & 1) * 8;
+                    u32_t bq[4], bo[4];
+                    fa_ldsm(bq, fa_smem(sQ + off));
+                    fa_ldsm(bo, fa_smem(sO + off));
+                    E::mma(st[2 * np], ka, bq[0], bq[1]);
+                    E::mma(st[2 * np + 1], ka, bq[2], bq[3]);
+                    E::mma(dpt[2 * np], vf[ks], bo[0], bo[1]);
+                    E::mma(dpt[2 * np + 1], vf[ks], bo[2], bo[3]);
+                }
+            }
+            // Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ − dsum).
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qi = nt * 8 + tq * 2 + (e & 1);
+                    int i = q0 + qi;
+                    int j = e < 2 ? j0 : j1;
+                    bool vis = j <= i && i < T && (!sg || sSq[qi] == (e < 2 ? sk0 : sk1));
+                    float p = vis ? exp2f(st[nt][e] * sl2 - sL[qi]) : 0.f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sDs[qi]);
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (the query axis is the reduction).
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; ++kk) {
+                u32_t pa[4] = {E::pack(st[2 * kk][0], st[2 * kk][1]),
+                               E::pack(st[2 * kk][2], st[2 * kk][3]),
+                               E::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                               E::pack(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                u32_t da[4] = {E::pack(dpt[2 * kk][0], dpt[2 * kk][1]),
+                               E::pack(dpt[2 * kk][2], dpt[2 * kk][3]),
+                               E::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                               E::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    int off = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD + dp * 16 +
+                              (lane >> 4) * 8;
+                    u32_t bo[4], bq[4];
+                    fa_ldsm_t(bo, fa_smem(sO + off));
+                    fa_ldsm_t(bq, fa_smem(sQ + off));
+                    E::mma(dva[2 * dp], pa, bo[0], bo[1]);
+                    E::mma(dva[2 * dp + 1], pa, bo[2], bo[3]);
+                    E::mma(dka[2 * dp], da, bq[0], bq[1]);
+                    E::mma(dka[2 * dp + 1], da, bq[2], bq[3]);
+                }
+            }
+            // dSᵀ to shared memory for dQ += dS·K.
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; ++nt) {
+                int c = nt * 8 + tq * 2;
+                *reinterpret_cast<u32_t*>(sS + (warp * 16 + g) * SS + c) =
+                    E::pack(dpt[nt][0], dpt[nt][1]);
+                *reinterpret_cast<u32_t*>(sS + (warp * 16 + g + 8) * SS + c) =
+                    E::pack(dpt[nt][2], dpt[nt][3]);
+            }
+            __syncthreads();
+            float dqa[NTW][4];
+#pragma unroll
+            for (int i = 0; i < NTW; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < FA_BN / 16; ++kk) {
+                u32_t a[4];
+                fa_ldsm_t(a, fa_smem(sS + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * SS +
+                                     mtile * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int np = 0; np < NTW / 2; ++np) {
+                    int dpi = part * (NTW / 2) + np;
+                    u32_t bkf[4];
+                    fa_ldsm_t(bkf, fa_smem(sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SD +
+                                           dpi * 16 + (lane >> 4) * 8));
+                    E::mma(dqa[2 * np], a, bkf[0], bkf[1]);
+                    E::mma(dqa[2 * np + 1], a, bkf[2], bkf[3]);
+                }
+            }
+            const int qa = q0 + mtile * 16 + g, qb2 = qa + 8;
+            float* dqb = dq_acc + bhq * T * D;
+#pragma unroll
+            for (int nt = 0; nt < NTW; ++nt) {
+                int c = (part * NTW + nt) * 8 + tq * 2;
+                if (qa < T) {
+                    atomicAdd(dqb + (long long)qa * D + c, dqa[nt][0]);
+                    atomicAdd(dqb + (long long)qa * D + c + 1, dqa[nt][1]);
+                }
+                if (qb2 < T) {
+                    atomicAdd(dqb + (long long)qb2 * D + c, dqa[nt][2]);
+                    atomicAdd(dqb + (long long)qb2 * D + c + 1, dqa[nt][3]);
+                }
+            }
+        }
+    }
+    unsigned short* dkb = dk + (long long)bk * T * D;
+    unsigned short* dvb = dv + (long long)bk * T * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        int c = i * 8 + tq * 2;
+        if (j0 < T) {
+            *reinterpret_cast<u32_t*>(dkb + (long long)j0 * D + c) =
+                E::pack(dka[i][0] * scale, dka[i][1] * scale);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j0 * D + c) = E::pack(dva[i][0], dva[i][1]);
+        }
+        if (j1 < T) {
+            *reinterpret_cast<u32_t*>(dkb + (long long)j1 * D + c) =
+                E::pack(dka[i][2] * scale, dka[i][3] * scale);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j1 * D + c) = E::pack(dva[i][2], dva[i][3]);
+        }
+    }
+}
+
+// dq = scale · dq_acc, cast to the element type.
+template <typename E>
+__device__ void fa_bwd_dq_body(const float* dq_acc, unsigned short* dq, long long n, float scale) {
+    GRID_STRIDE(i, 0, n) dq[i] = E::store(dq_acc[i] * scale);
+}
+
+#define FA_KERNELS(n_, E, D, BQ)                                                                  \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                      \
+        flash_attn_fwd_##n_##_d##D(const unsigned short* q, const unsigned short* k,              \
+                                   const unsigned short* v, const int* seg, unsigned short* o,    \
+                                   float* lse, int Hq, int Hkv, int T, float scale) {             \
+        fa_fwd_body<E, D>(q, k, v, seg, o, lse, Hq, Hkv, T, scale);                               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
+        const unsigned short* o, const unsigned short* d_o, float* dsum, float* dq_acc,           \
+        long long rows) {                                                                         \
+        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows);                                        \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##n_##_d##D(          \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+        const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
+        float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
+        float scale) {                                                                            \
+        fa_bwd_body<E, D, BQ>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);   \
+    }
+#define FA_DIMS(n_, E) FA_KERNELS(n_, E, 16, 64) FA_KERNELS(n_, E, 32, 64) \
+    FA_KERNELS(n_, E, 64, 64) FA_KERNELS(n_, E, 128, 32)
+FA_DIMS(bf16, FaBF16)
+FA_DIMS(f16, FaF16)
+extern "C" __global__ void flash_attn_bwd_dq_bf16(const float* a, unsigned short* dq, long long n,
+                                                  float scale) {
+    fa_bwd_dq_body<FaBF16>(a, dq, n, scale);
+}
+extern "C" __global__ void flash_attn_bwd_dq_f16(const float* a, unsigned short* dq, long long n,
+                                                 float scale) {
+    fa_bwd_dq_body<FaF16>(a, dq, n, scale);
+}
