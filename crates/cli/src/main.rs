@@ -59,9 +59,10 @@ enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Quantize `model.path` with `model.quant` (nf4, nf4-dq, fp4, int8) and
-    /// write it in the bitsandbytes format transformers writes, so llmft or
-    /// transformers load it without quantizing again.
+    /// Quantize `model.path` with `model.quant` (nf4, nf4-dq, fp4, int8,
+    /// hqq4, hqq3, hqq2) and write it in the bitsandbytes format transformers
+    /// writes or the format hqq's `HQQLinear` saves, so llmft, transformers or
+    /// hqq load it without quantizing again.
     Quantize {
         /// Output folder (must not exist; written atomically).
         #[arg(long)]
@@ -250,7 +251,7 @@ fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
 }
 
 fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
-    use llmft_quant::io::{bnb_state_dict, write_safetensors, RawTensor};
+    use llmft_quant::io::{bnb_state_dict, hqq_state_dict, write_safetensors, RawTensor};
     // `auto` quantizes to NF4, bitsandbytes' QLoRA default.
     let name = if s.model.quant == "auto" {
         "nf4"
@@ -258,11 +259,11 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
         s.model.quant.as_str()
     };
     let quant = quant_of(name)?;
-    let bnb = match (name, &quant) {
-        ("nf4" | "nf4-dq" | "fp4" | "int8", Some(q)) => *q,
+    let qcfg = match (name, &quant) {
+        ("nf4" | "nf4-dq" | "fp4" | "int8" | "hqq4" | "hqq3" | "hqq2", Some(q)) => *q,
         _ => {
             return Err(format!(
-                "llmft quantize writes bitsandbytes formats (nf4, nf4-dq, fp4, int8); model.quant is `{}`",
+                "llmft quantize writes bitsandbytes formats (nf4, nf4-dq, fp4, int8) or hqq (hqq4, hqq3, hqq2); model.quant is `{}`",
                 s.model.quant
             ))
         }
@@ -281,7 +282,7 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
         _ => safetensors::Dtype::BF16,
     };
     let dir = model_dir(s)?;
-    let model = llmft_models::Model::from_dir_quantized(&dir, &ctx, dtype, Some(&bnb))
+    let model = llmft_models::Model::from_dir_quantized(&dir, &ctx, dtype, Some(&qcfg))
         .map_err(|e| e.to_string())?;
     let cpu = Ctx::cpu();
     let mut tensors = Vec::new();
@@ -289,7 +290,13 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
         let unit = model.unit(u).map_err(|e| e.to_string())?;
         for (name, shape) in model.config.unit_tensors(u) {
             match unit.quantized(&name) {
-                Some(q) => tensors.extend(bnb_state_dict(&name, q).map_err(|e| e.to_string())?),
+                Some(q) => tensors.extend(
+                    match qcfg {
+                        llmft_quant::QuantConfig::Hqq(_) => hqq_state_dict(&name, q),
+                        _ => bnb_state_dict(&name, q),
+                    }
+                    .map_err(|e| e.to_string())?,
+                ),
                 None => {
                     let t = unit.get(&name).map_err(|e| e.to_string())?;
                     let host = t.to_ctx(&cpu).map_err(|e| e.to_string())?;
@@ -317,9 +324,15 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
             llmft_tensor::DType::F16 => "float16",
             _ => "bfloat16",
         };
-        let qc = match name {
-            "int8" => serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true}),
-            q => serde_json::json!({
+        let qc = match (name, qcfg) {
+            // transformers keeps lm_head dense by default, as llmft does.
+            (_, llmft_quant::QuantConfig::Hqq(h)) => {
+                llmft_quant::io::hqq_quantization_config(&h, &["lm_head"])
+            }
+            ("int8", _) => {
+                serde_json::json!({"quant_method": "bitsandbytes", "load_in_8bit": true})
+            }
+            (q, _) => serde_json::json!({
                 "quant_method": "bitsandbytes", "load_in_4bit": true,
                 "bnb_4bit_quant_type": if q == "fp4" { "fp4" } else { "nf4" },
                 "bnb_4bit_use_double_quant": q == "nf4-dq",

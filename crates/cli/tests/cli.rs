@@ -111,7 +111,7 @@ fn quantize_writes_a_bnb_checkpoint_that_loads_as_is() {
         "--out",
         "/tmp/never",
         "--set",
-        "model.quant=hqq4",
+        "model.quant=none",
         "--set",
         "model.path=crates/models/fixtures/qwen2",
     ]);

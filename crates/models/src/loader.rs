@@ -194,8 +194,8 @@ fn layout_for(
 ///
 /// With `quant`, the decoder's linear weights are quantized on `ctx`'s device
 /// as they arrive (one tensor at a time), so the model never exists whole in
-/// `dtype`. Weights the checkpoint already holds in bitsandbytes format load
-/// as they are.
+/// `dtype`. Weights the checkpoint already holds in bitsandbytes or hqq
+/// format load as they are.
 pub fn load_units(
     dir: &Path,
     config: &ModelConfig,
@@ -210,7 +210,10 @@ pub fn load_units(
         let wanted = config.unit_tensors(unit);
         let mut uw = UnitWeights::zeros(ctx, layout_for(&wanted, dtype, quant))?;
         for (name, shape) in &wanted {
-            let file = index.files.get(name).ok_or_else(|| Error::MissingTensor {
+            // An hqq module has no `.weight`; its file is the one of `.W_q`.
+            let hqq_key = llmft_quant::io::hqq_module_key(name, "W_q");
+            let file = index.files.get(name).or_else(|| index.files.get(&hqq_key));
+            let file = file.ok_or_else(|| Error::MissingTensor {
                 dir: index.dir.clone(),
                 name: name.clone(),
             })?;
@@ -220,8 +223,14 @@ pub fn load_units(
             }
             let shard = &shards[file];
             let st = shard.parsed();
-            if llmft_quant::io::is_bnb_quantized(&st, name) {
-                let q = llmft_quant::io::load_bnb(ctx, &st, name)?;
+            let pre = if llmft_quant::io::is_bnb_quantized(&st, name) {
+                Some(llmft_quant::io::load_bnb(ctx, &st, name)?)
+            } else if llmft_quant::io::is_hqq_quantized(&st, name) {
+                Some(llmft_quant::io::load_hqq(ctx, &st, name)?)
+            } else {
+                None
+            };
+            if let Some(q) = pre {
                 if &q.shape != shape {
                     return Err(Error::TensorShape {
                         path: shard.path.clone(),

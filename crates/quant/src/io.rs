@@ -9,6 +9,9 @@
 //! `shape` and, with double quant, `nested_blocksize`, `nested_dtype`,
 //! `nested_offset`. int8, for module `M`: `M.weight` (i8), `M.SCB` (f32),
 //! `M.weight_format` (u8 0 = row-major).
+//!
+//! HQQ checkpoints (hqq's `HQQLinear.state_dict()` keys) are read and
+//! written by [`hqq_state_dict`] and [`load_hqq`].
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,6 +22,10 @@ use safetensors::{Dtype, SafeTensors};
 use crate::bnb::{Code4, NESTED_BLOCKSIZE};
 use crate::quantized::{host_bytes, Absmax, Bnb4, Int8, Packed, QuantizedTensor};
 use crate::{Error, Result};
+
+pub use crate::hqq_io::{
+    hqq_module_key, hqq_quantization_config, hqq_state_dict, is_hqq_quantized, load_hqq,
+};
 
 /// A tensor ready to be written: safetensors dtype, shape, bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +67,7 @@ fn our_dtype(d: Dtype, key: &str) -> Result<DType> {
     })
 }
 
-fn torch_name(d: DType) -> &'static str {
+pub(crate) fn torch_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "float32",
         DType::BF16 => "bfloat16",
@@ -192,11 +199,11 @@ pub fn tensor_from_view(ctx: &Ctx, key: &str, v: &TensorView<'_>) -> Result<Tens
     Ok(host.to_ctx(ctx)?)
 }
 
-fn get<'a>(st: &'a SafeTensors<'a>, key: &str) -> Result<TensorView<'a>> {
+pub(crate) fn get<'a>(st: &'a SafeTensors<'a>, key: &str) -> Result<TensorView<'a>> {
     st.tensor(key).map_err(|_| Error::Missing(key.to_string()))
 }
 
-fn meta_err(key: &str, msg: impl Into<String>) -> Error {
+pub(crate) fn meta_err(key: &str, msg: impl Into<String>) -> Error {
     Error::Metadata {
         key: key.to_string(),
         msg: msg.into(),

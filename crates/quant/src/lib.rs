@@ -8,7 +8,8 @@
 //! dequantizes a layer's weights just before its GEMMs.
 //! [`quantize_bytes`] quantizes one checkpoint tensor at a time while a
 //! model is loaded; [`io`] reads and writes the safetensors keys transformers
-//! uses for bitsandbytes checkpoints.
+//! uses for bitsandbytes checkpoints and the keys hqq's `HQQLinear` writes
+//! for HQQ checkpoints.
 //!
 //! ```
 //! use llmft_quant::{QuantConfig, QuantizedTensor};
@@ -29,6 +30,7 @@ pub mod bnb;
 mod cuda;
 mod error;
 pub mod hqq;
+mod hqq_io;
 pub mod int8;
 pub mod io;
 mod load;
