@@ -20,7 +20,7 @@ if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
   mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root"
 fi
 # The CLI tests run the binary at its build path (CARGO_BIN_EXE_llmft).
-if [ "$root" != "$PWD" ] && [ -x "$bin/llmft" ]; then
+if [ -x "$bin/llmft" ] && [ ! -x "$root/target/release/llmft" ]; then
   mkdir -p "$root/target/release" && cp "$bin/llmft" "$root/target/release/llmft"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
