@@ -364,19 +364,6 @@ fn rejects_bad_shapes() {
 
 // ------------------------------------------------------------------- CUDA
 
-/// The GPU context, or `None` (after saying so) where there is no GPU.
-fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no CUDA GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).expect("a CUDA device is reported, but no context can be made on it"))
-}
-
 #[test]
 fn cuda_matches_cpu() {
     let Some(g) = gpu() else { return };

@@ -21,19 +21,6 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 type CaseResult = Result<(), TestCaseError>;
 
-/// The GPU context, or `None` (after saying so) where there is no GPU.
-fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no CUDA GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).expect("a CUDA device is reported, but no context can be made on it"))
-}
-
 /// Runs `test` on `cases` draws of `strategy`; panics with the minimal failing case.
 fn run<S: Strategy>(cases: u32, strategy: S, test: impl Fn(S::Value) -> CaseResult) {
     let mut runner = TestRunner::new(Config {
