@@ -9,6 +9,9 @@
 //! - [`Trainer`]: one step = forward + backward of each micro-batch with the
 //!   loss normalized by the step's trained tokens, then the update;
 //!   [`Trainer::save_checkpoint`] / [`Trainer::resume`] continue bit-exactly.
+//! - [`train`]: the whole run as one recipe — loader, micro-batches, steps,
+//!   evaluation, checkpoints, progress, `metrics.jsonl`, `loss.png` and the
+//!   final adapter / weights ([`RunData`], [`RunOptions`], [`RunSummary`]).
 //! - [`MetricsWriter`]: one JSON line per step.
 //! - [`model_batch`]: a data-pipeline batch as the model's batch.
 //!
