@@ -358,6 +358,19 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// The compute dtype of input `x` (a float type).
+    fn compute_dtype(x: &Tensor) -> Result<DType> {
+        let cd = x.dtype();
+        if !cd.is_float() {
+            return Err(Error::DType {
+                what: "x".into(),
+                got: cd,
+                expected: "f32, bf16 or f16".into(),
+            });
+        }
+        Ok(cd)
+    }
+
     /// Checks `t` is `[.., last]` with `rows` leading elements (when given) and
     /// `dtype`; returns the row count.
     fn rows_of(
@@ -503,14 +516,7 @@ impl LoraLinear {
         mode: Mode,
     ) -> Result<()> {
         let (i, o) = (self.shape.in_features, self.shape.out_features);
-        let cd = x.dtype();
-        if !cd.is_float() {
-            return Err(Error::DType {
-                what: "x".into(),
-                got: cd,
-                expected: "f32, bf16 or f16".into(),
-            });
-        }
+        let cd = Self::compute_dtype(x)?;
         let n = Self::rows_of("x", x, i, None, cd)?;
         Self::rows_of("y", y, o, Some(n), cd)?;
         self.check_weight(base_w)?;
@@ -587,14 +593,7 @@ impl LoraLinear {
                 "a DoRA layer's backward record needs its output: run forward".into(),
             ));
         }
-        let (i, cd) = (self.shape.in_features, x.dtype());
-        if !cd.is_float() {
-            return Err(Error::DType {
-                what: "x".into(),
-                got: cd,
-                expected: "f32, bf16 or f16".into(),
-            });
-        }
+        let (i, cd) = (self.shape.in_features, Self::compute_dtype(x)?);
         let n = Self::rows_of("x", x, i, None, cd)?;
         let a_c = if cd == DType::F32 {
             self.a.clone()
