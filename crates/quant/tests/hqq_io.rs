@@ -1,9 +1,10 @@
 //! HQQ checkpoints (hqq's `HQQLinear.state_dict()` keys): quantize -> state
 //! dict -> safetensors -> load gives back the very same tensor, for 8/4/3/2/1
 //! bits, both axes and odd shapes; malformed modules give one error naming
-//! the key. With `LLMFT_HQQ_FOREIGN` set to a safetensors file that hqq
-//! itself saved (scripts/fixtures/hqq_load_check.py writes one), every module
-//! in it loads and dequantizes to hqq's own `W_r` stored beside it.
+//! the key. Every module of `fixtures/hqq_saved.safetensors`, which hqq
+//! 0.2.8.post1 itself saved (scripts/fixtures/hqq_load_check.py; another
+//! such file can be given with `LLMFT_HQQ_FOREIGN`), loads and dequantizes
+//! to hqq's own `W_r` stored beside it.
 use llmft_quant::io::{hqq_state_dict, is_hqq_quantized, load_hqq, write_safetensors, RawTensor};
 use llmft_quant::{Error, HqqConfig, Packed, QuantConfig, QuantizedTensor};
 use llmft_tensor::{Ctx, DType, Tensor};
@@ -315,9 +316,13 @@ fn what_hqq_cannot_hold_is_refused() {
 /// `<module>.W_r`, hqq's own dequantization in f32.
 #[test]
 fn loads_what_hqq_saved() {
-    let Ok(path) = std::env::var("LLMFT_HQQ_FOREIGN") else {
-        return;
-    };
+    let path = std::env::var("LLMFT_HQQ_FOREIGN").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/hqq_saved.safetensors"
+        )
+        .to_string()
+    });
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut n = 0;
