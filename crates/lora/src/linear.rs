@@ -9,6 +9,13 @@
 //!   `y = x·Wᵀ + (k − 1)⊙(x̃·Wᵀ) + k⊙(s·x̃·Aᵀ·Bᵀ)`. Without dropout this is
 //!   `k⊙(x·Wᵀ + s·x·Aᵀ·Bᵀ)`. Computed as `y += s·xa·Bᵀ + (k − 1)⊙pre` with
 //!   `pre = x̃·Wᵀ + s·xa·Bᵀ`, so only `k − 1` (accurate in bf16) is broadcast.
+//!
+//! [`LoraLinear::forward_first`] and [`LoraLinear::backward_first`] are the
+//! orders for a caller that runs the base GEMM after the adapter: the
+//! adapter's K = r GEMM writes the output and the base GEMM accumulates onto
+//! it in its epilogue (one rounding, and no extra pass over the output).
+use std::sync::Mutex;
+
 use llmft_tensor::ops::{self, Gemm};
 use llmft_tensor::{Ctx, DType, Tensor};
 
@@ -174,12 +181,25 @@ impl LoraGrads {
     }
 }
 
+/// A and B cast to a 16-bit compute dtype, kept between uses.
+#[derive(Debug)]
+struct ComputeCopies {
+    dtype: DType,
+    a: Tensor,
+    b: Tensor,
+}
+
 /// A LoRA / rsLoRA / DoRA adapter over one base linear `y = x·Wᵀ`, with f32
 /// master parameters `A [r, in]`, `B [out, r]` and (DoRA) `m [out]`.
 ///
 /// The base weight is always passed in dense, in the compute dtype (f32,
 /// bf16 or f16; `x`, `W`, `y` and the gradients share it): for a quantized
 /// base the caller dequantizes into a reused buffer first.
+///
+/// For a 16-bit compute dtype, A and B are cast once and the copies reused
+/// until the masters may have changed: [`LoraLinear::params_mut`] drops them.
+/// Code that writes `a` or `b` another way (through the public fields, or a
+/// tensor sharing their storage) calls [`LoraLinear::invalidate_compute_copies`].
 #[derive(Debug)]
 pub struct LoraLinear {
     shape: LinearShape,
@@ -194,6 +214,8 @@ pub struct LoraLinear {
     pub b: Tensor,
     /// DoRA magnitude `m [out]`, f32; `None` until set (DoRA) or always (LoRA).
     pub magnitude: Option<Tensor>,
+    /// A and B in the last 16-bit compute dtype used (see the type's docs).
+    compute: Mutex<Option<ComputeCopies>>,
 }
 
 impl LoraLinear {
@@ -236,6 +258,7 @@ impl LoraLinear {
             a,
             b,
             magnitude: None,
+            compute: Mutex::new(None),
         })
     }
 
@@ -286,6 +309,7 @@ impl LoraLinear {
             a,
             b,
             magnitude,
+            compute: Mutex::new(None),
         })
     }
 
@@ -318,7 +342,9 @@ impl LoraLinear {
     }
 
     /// The trainable parameters, mutably, in the order of [`LoraLinear::params`].
+    /// Drops the compute-dtype copies of A and B (the caller may write them).
     pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
+        self.invalidate_compute_copies();
         let mut v = vec![&mut self.a, &mut self.b];
         v.extend(self.magnitude.as_mut());
         v
@@ -332,6 +358,13 @@ impl LoraLinear {
             Mode::Train { seed } if self.dropout > 0.0 => Some(mix64(seed ^ self.salt)),
             _ => None,
         }
+    }
+
+    /// Drops the cached compute-dtype copies of A and B, so the next use
+    /// casts the f32 masters again. [`LoraLinear::params_mut`] does this;
+    /// call it after writing `a` or `b` any other way.
+    pub fn invalidate_compute_copies(&mut self) {
+        *self.compute.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Number of trainable scalars.
@@ -406,15 +439,28 @@ impl LoraLinear {
         Ok(n)
     }
 
-    /// A and B in the compute dtype (views of the masters when it is f32).
+    /// A and B in the compute dtype: views of the masters when it is f32,
+    /// else copies cast on first use and kept until the masters may change
+    /// (see [`LoraLinear::invalidate_compute_copies`]).
     fn ab_in(&self, ctx: &Ctx, dtype: DType) -> Result<(Tensor, Tensor)> {
         if dtype == DType::F32 {
             return Ok((self.a.clone(), self.b.clone()));
+        }
+        let mut guard = self.compute.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_ref() {
+            if c.dtype == dtype && c.a.device() == ctx.device() {
+                return Ok((c.a.clone(), c.b.clone()));
+            }
         }
         let mut a = Tensor::empty(ctx, dtype, self.a.shape())?;
         let mut b = Tensor::empty(ctx, dtype, self.b.shape())?;
         ops::cast(ctx, &self.a, &mut a)?;
         ops::cast(ctx, &self.b, &mut b)?;
+        *guard = Some(ComputeCopies {
+            dtype,
+            a: a.clone(),
+            b: b.clone(),
+        });
         Ok((a, b))
     }
 
@@ -557,6 +603,46 @@ impl LoraLinear {
         Ok(ops::axpby(ctx, 1.0, &t, 1.0, &mut y2)?)
     }
 
+    /// The LoRA forward for a caller that has not yet run the base GEMM:
+    /// `y` is **overwritten** with the adapter's share `s·x̃·Aᵀ·Bᵀ` (a K = r
+    /// GEMM), and the caller then accumulates the base `x·Wᵀ` into it
+    /// (`beta = 1`, which cuBLASLt applies in the big GEMM's epilogue), so
+    /// the small GEMM never reads `y` and the sum is rounded once. Then add
+    /// the bias. `saved` is filled as by [`LoraLinear::forward`].
+    ///
+    /// LoRA only: DoRA needs `x·Wᵀ` itself, so DoRA layers run the base GEMM
+    /// first and then [`LoraLinear::forward`].
+    pub fn forward_first(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        y: &mut Tensor,
+        saved: &mut LoraSaved,
+        mode: Mode,
+    ) -> Result<()> {
+        if self.use_dora {
+            return Err(Error::Config(
+                "a DoRA layer's output needs the base output x·Wᵀ first: run forward".into(),
+            ));
+        }
+        let (i, o) = (self.shape.in_features, self.shape.out_features);
+        let cd = Self::compute_dtype(x)?;
+        let n = Self::rows_of("x", x, i, None, cd)?;
+        Self::rows_of("y", y, o, Some(n), cd)?;
+        let mut y2 = y.reshape(&[n, o])?;
+        let (a_c, b_c) = self.ab_in(ctx, cd)?;
+        let (_, xa) = self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
+        saved.pre = None;
+        saved.k_minus_1 = None;
+        saved.inv_norm = None;
+        let lora_out = Gemm {
+            trans_b: true,
+            alpha: self.scale,
+            ..Gemm::default()
+        };
+        Ok(ops::gemm(ctx, &xa, &b_c, &mut y2, lora_out)?)
+    }
+
     /// `x̃ = dropout(x)` and `x̃·Aᵀ`, recorded in `saved` (with the dropout seed).
     fn input_product(
         &self,
@@ -595,13 +681,7 @@ impl LoraLinear {
         }
         let (i, cd) = (self.shape.in_features, Self::compute_dtype(x)?);
         let n = Self::rows_of("x", x, i, None, cd)?;
-        let a_c = if cd == DType::F32 {
-            self.a.clone()
-        } else {
-            let mut a = Tensor::empty(ctx, cd, self.a.shape())?;
-            ops::cast(ctx, &self.a, &mut a)?;
-            a
-        };
+        let (a_c, _) = self.ab_in(ctx, cd)?;
         self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
         saved.pre = None;
         saved.k_minus_1 = None;
@@ -627,6 +707,42 @@ impl LoraLinear {
         dy: &Tensor,
         saved: &LoraSaved,
         dx: &mut Tensor,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        self.backward_impl(ctx, x, base_w, dy, saved, dx, false, grads)
+    }
+
+    /// [`LoraLinear::backward`] for a caller that has not yet run the base
+    /// `dy·W` GEMM: `dx` is **overwritten** with the adapter's share (for
+    /// DoRA including `((k − 1)⊙dy)·W`), and the caller then accumulates
+    /// `dy·W` into it (`beta = 1`), so the adapter's K = r GEMM does not read
+    /// `dx`. Gradients as in [`LoraLinear::backward`]; LoRA and DoRA alike.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_first(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        base_w: &Tensor,
+        dy: &Tensor,
+        saved: &LoraSaved,
+        dx: &mut Tensor,
+        grads: &mut LoraGrads,
+    ) -> Result<()> {
+        self.backward_impl(ctx, x, base_w, dy, saved, dx, true, grads)
+    }
+
+    /// The backward; `overwrite`: `dx` receives the adapter's share instead
+    /// of having it added.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_impl(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        base_w: &Tensor,
+        dy: &Tensor,
+        saved: &LoraSaved,
+        dx: &mut Tensor,
+        overwrite: bool,
         grads: &mut LoraGrads,
     ) -> Result<()> {
         let (i, o, r) = (self.shape.in_features, self.shape.out_features, self.r);
@@ -736,12 +852,17 @@ impl LoraLinear {
                 if let Some(h) = &h {
                     ops::gemm(ctx, h, base_w, &mut dxd, acc)?;
                 }
-                let mut t = Tensor::empty(ctx, cd, &[n, i])?;
-                ops::dropout(ctx, &dxd, self.dropout, seed, &mut t)?;
-                ops::axpby(ctx, 1.0, &t, 1.0, &mut dx2)?;
+                if overwrite {
+                    ops::dropout(ctx, &dxd, self.dropout, seed, &mut dx2)?;
+                } else {
+                    let mut t = Tensor::empty(ctx, cd, &[n, i])?;
+                    ops::dropout(ctx, &dxd, self.dropout, seed, &mut t)?;
+                    ops::axpby(ctx, 1.0, &t, 1.0, &mut dx2)?;
+                }
             }
             None => {
-                ops::gemm(ctx, &dxa, &a_c, &mut dx2, acc)?;
+                let first = if overwrite { Gemm::default() } else { acc };
+                ops::gemm(ctx, &dxa, &a_c, &mut dx2, first)?;
                 if let Some(h) = &h {
                     ops::gemm(ctx, h, base_w, &mut dx2, acc)?;
                 }

@@ -134,13 +134,23 @@ impl Layer<'_> {
         let n = x.shape()[0];
         let mut y = self.z(&[n, out])?;
         let w = self.base_weight(name)?;
-        ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
-        // The LoRA hook: the adapter adds its path to x·Wᵀ before the bias.
+        // The LoRA hook: the adapter's path joins x·Wᵀ before the bias. LoRA
+        // writes its small product first and the base GEMM accumulates onto
+        // it in its epilogue; DoRA needs x·Wᵀ itself, so it runs after.
         let module = format!("{}{name}", self.prefix);
-        if let Some(lora) = self.adapter.and_then(|a| a.layers.get(&module)) {
-            let mut saved = LoraSaved::new();
-            lora.forward(self.ctx, x, &w, &mut y, &mut saved, self.mode)?;
-            self.saved.borrow_mut().insert(name.to_string(), saved);
+        match self.adapter.and_then(|a| a.layers.get(&module)) {
+            Some(lora) => {
+                let mut saved = LoraSaved::new();
+                if lora.use_dora() {
+                    ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
+                    lora.forward(self.ctx, x, &w, &mut y, &mut saved, self.mode)?;
+                } else {
+                    lora.forward_first(self.ctx, x, &mut y, &mut saved, self.mode)?;
+                    ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt().accumulate())?;
+                }
+                self.saved.borrow_mut().insert(name.to_string(), saved);
+            }
+            None => ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?,
         }
         let bname = format!("{}{name}.bias", self.prefix);
         if self.w.contains(&bname) {
@@ -164,26 +174,31 @@ impl Layer<'_> {
         grads: &mut Option<&mut Grads>,
     ) -> Result<()> {
         let w = self.base_weight(name)?;
-        let spec = if accumulate {
-            Gemm::default().accumulate()
-        } else {
-            Gemm::default()
-        };
-        ops::gemm(self.ctx, dy, &w, dx, spec)?;
+        // The adapter's share of dx goes in first (written, or added when
+        // accumulating) and the base dy·W GEMM accumulates onto it.
         let module = format!("{}{name}", self.prefix);
-        if let Some(lora) = self.adapter.and_then(|a| a.layers.get(&module)) {
-            let saved = lora_saved.get(name).ok_or_else(|| {
-                crate::Error::Invalid(format!("no forward record for adapter {module}"))
-            })?;
-            match grads.as_deref_mut().and_then(|g| g.lora_mut(&module)) {
-                Some(lg) => lora.backward(self.ctx, x, &w, dy, saved, dx, lg)?,
-                None => {
+        let base = match self.adapter.and_then(|a| a.layers.get(&module)) {
+            Some(lora) => {
+                let saved = lora_saved.get(name).ok_or_else(|| {
+                    crate::Error::Invalid(format!("no forward record for adapter {module}"))
+                })?;
+                let mut scratch = None;
+                let lg = match grads.as_deref_mut().and_then(|g| g.lora_mut(&module)) {
+                    Some(lg) => lg,
                     // Gradient of the input only: the adapter's grads are discarded.
-                    let mut scratch = llmft_lora::LoraGrads::zeros(self.ctx, lora)?;
-                    lora.backward(self.ctx, x, &w, dy, saved, dx, &mut scratch)?;
+                    None => scratch.insert(llmft_lora::LoraGrads::zeros(self.ctx, lora)?),
+                };
+                if accumulate {
+                    lora.backward(self.ctx, x, &w, dy, saved, dx, lg)?;
+                } else {
+                    lora.backward_first(self.ctx, x, &w, dy, saved, dx, lg)?;
                 }
+                Gemm::default().accumulate()
             }
-        }
+            None if accumulate => Gemm::default().accumulate(),
+            None => Gemm::default(),
+        };
+        ops::gemm(self.ctx, dy, &w, dx, base)?;
         if let Some(g) = grads.as_deref_mut() {
             let full = format!("{}{name}.weight", self.prefix);
             if let Some(dw) = g.get_mut(&full) {

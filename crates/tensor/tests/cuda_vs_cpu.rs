@@ -632,6 +632,80 @@ fn lm_head_cross_entropy_loss_and_grads() {
     );
 }
 
+/// Vocabularies of real models and the edges of the sm_90 kernel's
+/// instantiations (16384·k logits per row), where one row spans a cluster of
+/// blocks, plus the one-block fallback above the largest (vectorized and not).
+#[test]
+fn lm_head_cross_entropy_large_vocab() {
+    let Some(gpu) = gpu() else { return };
+    let res = Results::default();
+    let (n, d) = (6usize, 8usize);
+    for v in [16384usize, 16388, 32000, 128256, 151936, 262148, 128257] {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let mut rng = SeedRng::new(v as u64);
+            let cpu = Ctx::cpu();
+            let h = host(&rng.normals(n * d, 1.0), dt, &[n, d]);
+            let w = host(&rng.normals(v * d, 0.5), dt, &[v, d]);
+            // First, last and random labels; one ignored row.
+            let lv: Vec<i32> = vec![
+                0,
+                (v - 1) as i32,
+                -100,
+                rng.below(v) as i32,
+                5,
+                (v / 2) as i32,
+            ];
+            let labels = host_i32(&lv, &[n]);
+            let (gh, gw, gl) = (up(&gpu, &h, 0), up(&gpu, &w, 0), up(&gpu, &labels, 0));
+            let o = CrossEntropyOpts {
+                chunk_rows: 4,
+                ..Default::default()
+            };
+            let (mut dh, mut gdh) = (host_zeros(dt, &[n, d]), gzeros(&gpu, dt, &[n, d], 0));
+            let (mut dw, mut gdw) = (
+                host_zeros(DType::F32, &[v, d]),
+                gzeros(&gpu, DType::F32, &[v, d], 0),
+            );
+            let st = ops::lm_head_cross_entropy(
+                &cpu,
+                &h,
+                &w,
+                &labels,
+                &o,
+                Some(lm_grads(&mut dh, &mut dw, true)),
+            )
+            .unwrap();
+            let gst = ops::lm_head_cross_entropy(
+                &gpu,
+                &gh,
+                &gw,
+                &gl,
+                &o,
+                Some(lm_grads(&mut gdh, &mut gdw, true)),
+            )
+            .unwrap();
+            let nograd = ops::lm_head_cross_entropy(&gpu, &gh, &gw, &gl, &o, None).unwrap();
+            assert_eq!(st.tokens, gst.tokens);
+            let err = (gst.loss - st.loss).abs() / st.loss.abs().max(1e-6);
+            res.record("cross_entropy_large_vocab_loss", dt, err);
+            assert!(
+                err <= 1e-4,
+                "V = {v} {dt}: loss {} on CUDA, {} on the CPU",
+                gst.loss,
+                st.loss
+            );
+            assert_eq!(
+                gst.loss, nograd.loss,
+                "V = {v} {dt}: the loss without gradients differs"
+            );
+            res.cmp("cross_entropy_large_vocab_dh", dt, &gdh, &dh)
+                .unwrap();
+            res.cmp("cross_entropy_large_vocab_dw", dt, &gdw, &dw)
+                .unwrap();
+        }
+    }
+}
+
 // ------------------------------------------------------------------ adamw
 
 #[test]

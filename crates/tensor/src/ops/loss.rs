@@ -154,6 +154,13 @@ pub fn lm_head_cross_entropy(
     })
 }
 
+/// Threads per block of the cross-entropy kernels (`CE_T` in cross_entropy.cu).
+const CE_THREADS: usize = 512;
+/// Blocks per row (one cluster) of the sm_90 kernel (`CE_CL`).
+const CE_CLUSTER: usize = 8;
+/// The float4-per-thread counts the sm_90 kernel is instantiated for.
+const CE_CLUSTER_K: [usize; 5] = [1, 2, 4, 8, 16];
+
 /// Per-row loss and (optionally) `dlogits = (softmax − onehot) · inv_norm`.
 fn rows_ce(
     ctx: &Ctx,
@@ -175,7 +182,39 @@ fn rows_ce(
             labels.device_ptr()?,
             loss.device_ptr()?,
         );
-        let c = cfg(rows, 512, 0);
+        // sm_90: a cluster of CE_CLUSTER blocks per row holding the row in
+        // registers (logits read once); `k` float4 per thread.
+        let elem = dt.size() as u64;
+        let aligned = v % 4 == 0 && lp % 16 == 0 && dp % (4 * elem) == 0;
+        let k = CE_CLUSTER_K
+            .iter()
+            .copied()
+            .find(|&k| v <= CE_CLUSTER * CE_THREADS * 4 * k);
+        let clustered = cu.arch() >= (9, 0) && aligned && rows <= (i32::MAX as usize) / CE_CLUSTER;
+        if let (true, Some(k)) = (clustered, k) {
+            let name = match k {
+                1 => kname!("cross_entropy_cl1", dt),
+                2 => kname!("cross_entropy_cl2", dt),
+                4 => kname!("cross_entropy_cl4", dt),
+                8 => kname!("cross_entropy_cl8", dt),
+                _ => kname!("cross_entropy_cl16", dt),
+            };
+            let c = cfg(rows * CE_CLUSTER, CE_THREADS, 0);
+            return launch!(
+                cu,
+                "cross_entropy",
+                name,
+                c,
+                lp,
+                lab,
+                lo,
+                dp,
+                v as i32,
+                ignore,
+                inv_norm
+            );
+        }
+        let c = cfg(rows, CE_THREADS, 0);
         let name = kname!("cross_entropy", dt);
         return launch!(
             cu,
