@@ -241,6 +241,47 @@ fn bench_device(c: &mut Criterion, ctx: &Ctx, tag: &str) {
     });
     drop((x, x2, y));
 
+    // Fused causal attention, Llama-3-8B heads (32 query, 8 kv, dim 128),
+    // CUDA only (the CPU path is the f64 reference): throughput in causal
+    // FLOPs (2·B·Hq·T²·D forward, 2.5× that backward).
+    if ctx.cuda_ctx().is_some() {
+        let (hq, hkv, hd) = (32, 8, 128);
+        let (ab, at) = (bh / 8, tt);
+        let q = rand(ctx, bf, &[ab, hq, at, hd], 10);
+        let kk = rand(ctx, bf, &[ab, hkv, at, hd], 11);
+        let vv = rand(ctx, bf, &[ab, hkv, at, hd], 12);
+        let d_o = rand(ctx, bf, &[ab, hq, at, hd], 13);
+        let mut o = Tensor::zeros(ctx, bf, &[ab, hq, at, hd]).unwrap();
+        let mut lse = Tensor::zeros(ctx, DType::F32, &[ab, hq, at]).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            Tensor::zeros(ctx, bf, &[ab, hq, at, hd]).unwrap(),
+            Tensor::zeros(ctx, bf, &[ab, hkv, at, hd]).unwrap(),
+            Tensor::zeros(ctx, bf, &[ab, hkv, at, hd]).unwrap(),
+        );
+        let sc = 1.0 / (hd as f32).sqrt();
+        let fwd_flops = (2 * ab * hq * at * at * hd) as u64;
+        g.throughput(Throughput::Elements(fwd_flops));
+        g.bench_function("flash_attn_fwd_bf16_d128", |b| {
+            b.iter_custom(|it| {
+                timed(ctx, it, || {
+                    ops::flash_attn_fwd(ctx, &q, &kk, &vv, None, sc, &mut o, &mut lse).unwrap()
+                })
+            })
+        });
+        g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
+        g.bench_function("flash_attn_bwd_bf16_d128", |b| {
+            b.iter_custom(|it| {
+                timed(ctx, it, || {
+                    ops::flash_attn_bwd(
+                        ctx, &q, &kk, &vv, &o, &d_o, &lse, None, sc, &mut dq, &mut dk, &mut dv,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        drop((q, kk, vv, d_o, o, lse, dq, dk, dv));
+    }
+
     let k = s.gemm;
     let a = rand(ctx, bf, &[k, k], 6);
     let bm = rand(ctx, bf, &[k, k], 7);

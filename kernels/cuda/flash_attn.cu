@@ -6,6 +6,7 @@
 // query row and writes o and lse = log-sum-exp of the scaled visible scores;
 // the backward recomputes P from lse.
 //
+// Head dims 16 and 32 (the FA2 kernels further down serve 64 and 128).
 // Work split: 4 warps per block; the forward gives each warp 16 query rows of
 // a 64-row tile and walks 64-key tiles; the backward gives each warp 16 keys
 // of a 64-key tile and walks every query tile (of every query head sharing the
@@ -452,6 +453,495 @@ __device__ void fa_bwd_dq_body(const float* dq_acc, unsigned short* dq, long lon
     GRID_STRIDE(i, 0, n) dq[i] = E::store(dq_acc[i] * scale);
 }
 
+// ---------------------------------------------------------------------------
+// FlashAttention-2 kernels for head dims 64 and 128: larger tiles, tiles moved
+// with cp.async while the previous one is multiplied, masking only on the
+// tiles that straddle the diagonal (or with segments), dynamic shared memory.
+//
+// Forward: 128 query rows per block, 4 warps of 32 rows (two 16-row MMA
+// tiles, so every K/V fragment read from shared memory feeds two MMAs);
+// 64- or 32-key tiles; Q stays in shared memory. The V tile loads while S = Q·Kᵀ is
+// computed, the next K tile while O += P·V is.
+// Backward: 128 keys per block, 8 warps of 16 keys (dK, dV in registers);
+// 64-query tiles double-buffered (the next Q/dO tile loads during this one);
+// dQ accumulated in f32 with vector reductions.
+#define F2_M 128
+#define F2_THREADS 128
+#define B2_N 128
+#define B2_M 64
+#define B2_WARPS 8
+#define B2_THREADS (B2_WARPS * 32)
+
+__device__ __forceinline__ void fa_cp16(u32_t dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void fa_cp_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void fa_cp_wait_all() {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+// x, hidden from loop-invariant code motion: shared-memory addresses derived
+// from it inside a loop stay base + constant (folded into the ldmatrix
+// offset) instead of one hoisted register per unrolled address.
+__device__ __forceinline__ u32_t fa_opaque(u32_t x) {
+    asm volatile("mov.b32 %0, %1;" : "=r"(x) : "r"(x));
+    return x;
+}
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// dst[0] += a, dst[1] += b (one vector reduction on sm_90+).
+__device__ __forceinline__ void fa_red2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+#endif
+}
+
+// Rows [r0, r0 + R) of a [T, D] head into shared memory (row stride D + 8)
+// with cp.async (NT threads); rows past T are zero-filled.
+template <int R, int D, int NT>
+__device__ __forceinline__ void fa_async_tile(unsigned short* s, const unsigned short* g, int r0,
+                                              int T) {
+    const int VPR = D / 8;
+    static_assert((R * VPR) % NT == 0, "tile vectors must split evenly over the threads");
+#pragma unroll
+    for (int it = 0; it < R * VPR / NT; ++it) {
+        int i = it * NT + threadIdx.x;
+        int r = i / VPR, c = (i % VPR) * 8;
+        bool ok = r0 + r < T;
+        const unsigned short* src = ok ? g + (long long)(r0 + r) * D + c : g;
+        fa_cp16(fa_smem(s + r * (D + 8) + c), src, ok ? 16 : 0);
+    }
+}
+
+// Forward: grid (ceil(T / 128) query tiles, B * Hq), 128 threads, BN-key
+// tiles (64 for D = 64; 32 for D = 128, which keeps the scores of two MMA
+// tiles next to the 128-wide output in registers), dynamic shared memory
+// (128 + 2·BN) · (D + 8) · 2 bytes + BN ints.
+template <typename E, int D, int BN>
+__device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
+                             const unsigned short* v, const int* seg, unsigned short* o,
+                             float* lse, int Hq, int Hkv, int T, float scale) {
+    const int SD = D + 8;
+    extern __shared__ __align__(16) unsigned short fa_sm[];
+    unsigned short* sQ = fa_sm;
+    unsigned short* sK = sQ + F2_M * SD;
+    unsigned short* sV = sK + BN * SD;
+    int* sSeg = reinterpret_cast<int*>(sV + BN * SD);
+    // The longest rows (most key tiles) start first.
+    const int mt = gridDim.x - 1 - blockIdx.x;
+    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+    const int hk = h / (Hq / Hkv);
+    const unsigned short* qb = q + (long long)bh * T * D;
+    const unsigned short* kb = k + ((long long)b * Hkv + hk) * T * D;
+    const unsigned short* vb = v + ((long long)b * Hkv + hk) * T * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int q0 = mt * F2_M;
+    const int wr0 = q0 + warp * 32;  // this warp's first query row
+    const int nkt = (min(q0 + F2_M, T) - 1) / BN + 1;
+    const int* sg = seg ? seg + (long long)b * T : 0;
+
+    fa_async_tile<F2_M, D, F2_THREADS>(sQ, qb, q0, T);
+    fa_async_tile<BN, D, F2_THREADS>(sK, kb, 0, T);
+    fa_cp_commit();
+    if (sg && threadIdx.x < BN) sSeg[threadIdx.x] = threadIdx.x < T ? sg[threadIdx.x] : -2;
+
+    // Fragment rows: [i][hh] = wr0 + 16·i + g + 8·hh.
+    int sgr[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            int r = wr0 + i * 16 + g + hh * 8;
+            sgr[i][hh] = (sg && r < T) ? sg[r] : -1;
+        }
+    const float sl2 = scale * FA_LOG2E;
+    // Per-lane ldmatrix addresses: Q rows (A fragments), K rows (B), V rows (B, transposed).
+    const u32_t q_base = fa_smem(sQ + (warp * 32 + (lane & 15)) * SD + (lane >> 4) * 8);
+    const u32_t k_base = fa_smem(sK + ((lane & 7) + (lane >> 4) * 8) * SD + ((lane >> 3) & 1) * 8);
+    const u32_t v_base = fa_smem(sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * SD + (lane >> 4) * 8);
+    float m[2][2], l[2][2];
+    float acc[2][D / 8][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        m[i][0] = m[i][1] = NEG_INF;
+        l[i][0] = l[i][1] = 0.f;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) acc[i][d][0] = acc[i][d][1] = acc[i][d][2] = acc[i][d][3] = 0.f;
+    }
+
+    for (int kt = 0; kt < nkt; ++kt) {
+        const int k0 = kt * BN;
+        fa_cp_wait_all();
+        __syncthreads();  // K(kt) and its segments visible; every warp is done with V(kt - 1)
+        fa_async_tile<BN, D, F2_THREADS>(sV, vb, k0, T);
+        fa_cp_commit();
+        // Some row of this warp sees a key of this tile / some key is hidden from some row.
+        const bool active = k0 <= wr0 + 31;
+        const bool masked = sg || k0 + BN - 1 > wr0;
+        const u32_t aq = fa_opaque(q_base), ak = fa_opaque(k_base), av = fa_opaque(v_base);
+        float s[2][BN / 8][4];
+        if (active) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) s[i][n][0] = s[i][n][1] = s[i][n][2] = s[i][n][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                u32_t qa[2][4];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) fa_ldsm(qa[i], aq + (i * 16 * SD + ks * 16) * 2);
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    u32_t bk[4];
+                    fa_ldsm(bk, ak + (np * 16 * SD + ks * 16) * 2);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        E::mma(s[i][2 * np], qa[i], bk[0], bk[1]);
+                        E::mma(s[i][2 * np + 1], qa[i], bk[2], bk[3]);
+                    }
+                }
+            }
+            if (masked) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            int jl = n * 8 + tq * 2 + (e & 1);
+                            int row = wr0 + i * 16 + g + (e >> 1) * 8;
+                            bool vis = k0 + jl <= row && (!sg || sSeg[jl] == sgr[i][e >> 1]);
+                            if (!vis) s[i][n][e] = NEG_INF;
+                        }
+            }
+            // Online softmax in the log2 domain (the scale folded into the exponent).
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+                    mx0 = fmaxf(mx0, fmaxf(s[i][n][0], s[i][n][1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[i][n][2], s[i][n][3]));
+                }
+                mx0 = fmaxf(m[i][0], fa_quad_max(mx0) * sl2);
+                mx1 = fmaxf(m[i][1], fa_quad_max(mx1) * sl2);
+                // A row with nothing visible yet keeps max -inf: shift by 0.
+                const float b0 = mx0 == NEG_INF ? 0.f : mx0;
+                const float b1 = mx1 == NEG_INF ? 0.f : mx1;
+                const float al0 = fa_exp2(m[i][0] - b0), al1 = fa_exp2(m[i][1] - b1);
+                m[i][0] = mx0;
+                m[i][1] = mx1;
+                float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+                for (int n = 0; n < BN / 8; ++n) {
+                    s[i][n][0] = fa_exp2(fmaf(s[i][n][0], sl2, -b0));
+                    s[i][n][1] = fa_exp2(fmaf(s[i][n][1], sl2, -b0));
+                    s[i][n][2] = fa_exp2(fmaf(s[i][n][2], sl2, -b1));
+                    s[i][n][3] = fa_exp2(fmaf(s[i][n][3], sl2, -b1));
+                    ps0 += s[i][n][0] + s[i][n][1];
+                    ps1 += s[i][n][2] + s[i][n][3];
+                }
+                l[i][0] = l[i][0] * al0 + ps0;
+                l[i][1] = l[i][1] * al1 + ps1;
+#pragma unroll
+                for (int d = 0; d < D / 8; ++d) {
+                    acc[i][d][0] *= al0;
+                    acc[i][d][1] *= al0;
+                    acc[i][d][2] *= al1;
+                    acc[i][d][3] *= al1;
+                }
+            }
+        }
+        fa_cp_wait_all();
+        __syncthreads();  // V(kt) visible; every warp is done with K(kt) and its segments
+        if (kt + 1 < nkt) {
+            fa_async_tile<BN, D, F2_THREADS>(sK, kb, k0 + BN, T);
+            fa_cp_commit();
+            if (sg && threadIdx.x < BN) {
+                int j = k0 + BN + threadIdx.x;
+                sSeg[threadIdx.x] = j < T ? sg[j] : -2;
+            }
+        }
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32_t pa[2][4];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    pa[i][0] = E::pack(s[i][2 * kk][0], s[i][2 * kk][1]);
+                    pa[i][1] = E::pack(s[i][2 * kk][2], s[i][2 * kk][3]);
+                    pa[i][2] = E::pack(s[i][2 * kk + 1][0], s[i][2 * kk + 1][1]);
+                    pa[i][3] = E::pack(s[i][2 * kk + 1][2], s[i][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    u32_t bv[4];
+                    fa_ldsm_t(bv, av + (kk * 16 * SD + dp * 16) * 2);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        E::mma(acc[i][2 * dp], pa[i], bv[0], bv[1]);
+                        E::mma(acc[i][2 * dp + 1], pa[i], bv[2], bv[3]);
+                    }
+                }
+            }
+        }
+    }
+    unsigned short* ob = o + (long long)bh * T * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float la = fa_quad_sum(l[i][0]), lb = fa_quad_sum(l[i][1]);
+        const float inv0 = la > 0.f ? 1.f / la : 0.f, inv1 = lb > 0.f ? 1.f / lb : 0.f;
+        const int r0 = wr0 + i * 16 + g, r1 = r0 + 8;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+            int c = d * 8 + tq * 2;
+            if (r0 < T)
+                *reinterpret_cast<u32_t*>(ob + (long long)r0 * D + c) =
+                    E::pack(acc[i][d][0] * inv0, acc[i][d][1] * inv0);
+            if (r1 < T)
+                *reinterpret_cast<u32_t*>(ob + (long long)r1 * D + c) =
+                    E::pack(acc[i][d][2] * inv1, acc[i][d][3] * inv1);
+        }
+        if (tq == 0) {
+            if (r0 < T) lse[(long long)bh * T + r0] = (m[i][0] + log2f(la)) * FA_LN2;
+            if (r1 < T) lse[(long long)bh * T + r1] = (m[i][1] + log2f(lb)) * FA_LN2;
+        }
+    }
+}
+
+// Backward: grid (ceil(T / 128) key tiles, B * Hkv), 256 threads, dynamic
+// shared memory (2·128 + 4·64) · (D + 8) · 2 + 128 · 72 · 2 + 6 · 64 · 4 bytes.
+// Each block walks the 64-query tiles (of every query head sharing its kv
+// head) that can see its keys.
+template <typename E, int D>
+__device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
+                             const unsigned short* v, const unsigned short* d_o, const float* lse,
+                             const float* dsum, const int* seg, float* dq_acc, unsigned short* dk,
+                             unsigned short* dv, int Hq, int Hkv, int T, float scale) {
+    const int SD = D + 8, SS = B2_M + 8;
+    extern __shared__ __align__(16) unsigned short fa_sm[];
+    unsigned short* sK = fa_sm;
+    unsigned short* sV = sK + B2_N * SD;
+    unsigned short* sQ = sV + B2_N * SD;     // two buffers of B2_M rows
+    unsigned short* sO = sQ + 2 * B2_M * SD; // two buffers of B2_M rows
+    unsigned short* sS = sO + 2 * B2_M * SD; // dSᵀ [B2_N keys][B2_M queries]
+    float* sL = reinterpret_cast<float*>(sS + B2_N * SS);
+    float* sDs = sL + 2 * B2_M;
+    int* sSq = reinterpret_cast<int*>(sDs + 2 * B2_M);
+    const int kt = blockIdx.x, bk = blockIdx.y, b = bk / Hkv, hk = bk % Hkv;
+    const int rep = Hq / Hkv;
+    const int k0 = kt * B2_N;
+    const unsigned short* kb = k + (long long)bk * T * D;
+    const unsigned short* vb = v + (long long)bk * T * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int wk0 = k0 + warp * 16;  // this warp's first key
+    const int j0 = wk0 + g, j1 = j0 + 8;
+    const int* sg = seg ? seg + (long long)b * T : 0;
+    const int sk0 = (sg && j0 < T) ? sg[j0] : -2;
+    const int sk1 = (sg && j1 < T) ? sg[j1] : -2;
+    const float sl2 = scale * FA_LOG2E;
+    // Query tiles before qs cannot see any key of this block.
+    const int qs = (k0 / B2_M) * B2_M;
+    const int nq = (T - qs + B2_M - 1) / B2_M;
+    const int n_it = rep * nq;
+
+    // Tile `it` (query head it / nq, rows qs + 64·(it % nq)) into buffer `buf`.
+    auto issue = [&](int it, int buf) {
+        const int q0 = qs + (it % nq) * B2_M;
+        const long long bhq = (long long)b * Hq + hk * rep + it / nq;
+        fa_async_tile<B2_M, D, B2_THREADS>(sQ + buf * B2_M * SD, q + bhq * T * D, q0, T);
+        fa_async_tile<B2_M, D, B2_THREADS>(sO + buf * B2_M * SD, d_o + bhq * T * D, q0, T);
+        fa_cp_commit();
+        if (threadIdx.x < B2_M) {
+            int i = q0 + threadIdx.x;
+            bool in = i < T;
+            sL[buf * B2_M + threadIdx.x] = in ? lse[bhq * T + i] * FA_LOG2E : POS_INF;
+            sDs[buf * B2_M + threadIdx.x] = in ? dsum[bhq * T + i] : 0.f;
+            sSq[buf * B2_M + threadIdx.x] = in ? (sg ? sg[i] : 0) : -3;
+        }
+    };
+    fa_async_tile<B2_N, D, B2_THREADS>(sK, kb, k0, T);
+    fa_async_tile<B2_N, D, B2_THREADS>(sV, vb, k0, T);
+    if (n_it > 0) issue(0, 0);
+
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+    // dQ's split of the 64 x D tile over the warps.
+    const int MT = B2_M / 16, WPM = B2_WARPS / MT, NTW = (D / 8) / WPM;
+    const int mtile = warp % MT, part = warp / MT;
+    const u32_t k_rows = fa_smem(sK + (warp * 16 + (lane & 15)) * SD + (lane >> 4) * 8);
+    const u32_t v_rows = k_rows + (u32_t)((sV - sK) * 2);
+    const u32_t qo_plain = fa_smem(sQ + ((lane & 7) + (lane >> 4) * 8) * SD + ((lane >> 3) & 1) * 8);
+    const u32_t qo_trans = fa_smem(sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * SD + (lane >> 4) * 8);
+    const u32_t s_trans = fa_smem(sS + ((lane & 7) + (lane >> 4) * 8) * SS + mtile * 16 +
+                                  ((lane >> 3) & 1) * 8);
+    const u32_t k_trans = fa_smem(sK + ((lane & 7) + ((lane >> 3) & 1) * 8) * SD +
+                                  part * (NTW / 2) * 16 + (lane >> 4) * 8);
+
+    for (int it = 0; it < n_it; ++it) {
+        const int buf = it & 1;
+        const int q0 = qs + (it % nq) * B2_M;
+        const long long bhq = (long long)b * Hq + hk * rep + it / nq;
+        fa_cp_wait_all();
+        __syncthreads();  // tile `it` visible; every warp is done with tile it - 1
+        if (it + 1 < n_it) issue(it + 1, buf ^ 1);
+        const float* cL = sL + buf * B2_M;
+        const float* cDs = sDs + buf * B2_M;
+        const int* cSq = sSq + buf * B2_M;
+        // Per-lane ldmatrix addresses: this warp's K/V rows (A fragments), the
+        // Q/dO tile as B fragments (plain and transposed), dSᵀ and K for dQ.
+        const u32_t a_k = fa_opaque(k_rows), a_v = fa_opaque(v_rows);
+        const u32_t b_q = fa_opaque(qo_plain) + buf * B2_M * SD * 2;
+        const u32_t b_o = b_q + (u32_t)((sO - sQ) * 2);
+        const u32_t t_q = fa_opaque(qo_trans) + buf * B2_M * SD * 2;
+        const u32_t t_o = t_q + (u32_t)((sO - sQ) * 2);
+        const u32_t a_s = fa_opaque(s_trans), b_k = fa_opaque(k_trans);
+        const bool active = q0 + B2_M - 1 >= wk0;
+        const bool masked = sg || q0 < k0 + B2_N - 1;
+        float st[B2_M / 8][4], dpt[B2_M / 8][4];
+#pragma unroll
+        for (int i = 0; i < B2_M / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+        if (active) {
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys x 64 queries.
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                u32_t ka[4], va[4];
+                fa_ldsm(ka, a_k + ks * 32);
+                fa_ldsm(va, a_v + ks * 32);
+#pragma unroll
+                for (int np = 0; np < B2_M / 16; ++np) {
+                    const u32_t off = (np * 16 * SD + ks * 16) * 2;
+                    u32_t bq[4], bo[4];
+                    fa_ldsm(bq, b_q + off);
+                    fa_ldsm(bo, b_o + off);
+                    E::mma(st[2 * np], ka, bq[0], bq[1]);
+                    E::mma(st[2 * np + 1], ka, bq[2], bq[3]);
+                    E::mma(dpt[2 * np], va, bo[0], bo[1]);
+                    E::mma(dpt[2 * np + 1], va, bo[2], bo[3]);
+                }
+            }
+            // Pᵀ from lse (+inf past T gives 0); dSᵀ = Pᵀ ∘ (dPᵀ − dsum).
+#pragma unroll
+            for (int n = 0; n < B2_M / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int qi = n * 8 + tq * 2 + (e & 1);
+                    float p = fa_exp2(fmaf(st[n][e], sl2, -cL[qi]));
+                    if (masked) {
+                        int j = e < 2 ? j0 : j1;
+                        bool vis = j <= q0 + qi && (!sg || cSq[qi] == (e < 2 ? sk0 : sk1));
+                        if (!vis) p = 0.f;
+                    }
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - cDs[qi]);
+                }
+            }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q (the query axis is the reduction).
+#pragma unroll
+            for (int kk = 0; kk < B2_M / 16; ++kk) {
+                u32_t pa[4] = {E::pack(st[2 * kk][0], st[2 * kk][1]),
+                               E::pack(st[2 * kk][2], st[2 * kk][3]),
+                               E::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                               E::pack(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                u32_t da[4] = {E::pack(dpt[2 * kk][0], dpt[2 * kk][1]),
+                               E::pack(dpt[2 * kk][2], dpt[2 * kk][3]),
+                               E::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                               E::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    const u32_t off = (kk * 16 * SD + dp * 16) * 2;
+                    u32_t bo[4], bq[4];
+                    fa_ldsm_t(bo, t_o + off);
+                    fa_ldsm_t(bq, t_q + off);
+                    E::mma(dva[2 * dp], pa, bo[0], bo[1]);
+                    E::mma(dva[2 * dp + 1], pa, bo[2], bo[3]);
+                    E::mma(dka[2 * dp], da, bq[0], bq[1]);
+                    E::mma(dka[2 * dp + 1], da, bq[2], bq[3]);
+                }
+            }
+        }
+        // dSᵀ to shared memory for dQ += dS·K (zeros from a warp that saw nothing).
+#pragma unroll
+        for (int n = 0; n < B2_M / 8; ++n) {
+            int c = n * 8 + tq * 2;
+            *reinterpret_cast<u32_t*>(sS + (warp * 16 + g) * SS + c) = E::pack(dpt[n][0], dpt[n][1]);
+            *reinterpret_cast<u32_t*>(sS + (warp * 16 + g + 8) * SS + c) =
+                E::pack(dpt[n][2], dpt[n][3]);
+        }
+        __syncthreads();
+        float dqa[NTW][4];
+#pragma unroll
+        for (int i = 0; i < NTW; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < B2_N / 16; ++kk) {
+            u32_t a[4];
+            fa_ldsm_t(a, a_s + kk * 16 * SS * 2);
+#pragma unroll
+            for (int np = 0; np < NTW / 2; ++np) {
+                u32_t bkf[4];
+                fa_ldsm_t(bkf, b_k + (kk * 16 * SD + np * 16) * 2);
+                E::mma(dqa[2 * np], a, bkf[0], bkf[1]);
+                E::mma(dqa[2 * np + 1], a, bkf[2], bkf[3]);
+            }
+        }
+        const int qa = q0 + mtile * 16 + g, qb2 = qa + 8;
+        float* dqb = dq_acc + bhq * T * D;
+#pragma unroll
+        for (int n = 0; n < NTW; ++n) {
+            int c = (part * NTW + n) * 8 + tq * 2;
+            if (qa < T) fa_red2(dqb + (long long)qa * D + c, dqa[n][0], dqa[n][1]);
+            if (qb2 < T) fa_red2(dqb + (long long)qb2 * D + c, dqa[n][2], dqa[n][3]);
+        }
+    }
+    unsigned short* dkb = dk + (long long)bk * T * D;
+    unsigned short* dvb = dv + (long long)bk * T * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        int c = i * 8 + tq * 2;
+        if (j0 < T) {
+            *reinterpret_cast<u32_t*>(dkb + (long long)j0 * D + c) =
+                E::pack(dka[i][0] * scale, dka[i][1] * scale);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j0 * D + c) = E::pack(dva[i][0], dva[i][1]);
+        }
+        if (j1 < T) {
+            *reinterpret_cast<u32_t*>(dkb + (long long)j1 * D + c) =
+                E::pack(dka[i][2] * scale, dka[i][3] * scale);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j1 * D + c) = E::pack(dva[i][2], dva[i][3]);
+        }
+    }
+}
+
+#define FA2_KERNELS(n_, E, D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(F2_THREADS, 2)                                   \
+        flash_attn2_fwd_##n_##_d##D(const unsigned short* q, const unsigned short* k,             \
+                                    const unsigned short* v, const int* seg, unsigned short* o,   \
+                                    float* lse, int Hq, int Hkv, int T, float scale) {            \
+        fa2_fwd_body<E, D, (D > 64 ? 32 : 64)>(q, k, v, seg, o, lse, Hq, Hkv, T, scale);          \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(B2_THREADS, 1) flash_attn2_bwd_##n_##_d##D(      \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+        const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
+        float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
+        float scale) {                                                                            \
+        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);      \
+    }
+FA2_KERNELS(bf16, FaBF16, 64)
+FA2_KERNELS(bf16, FaBF16, 128)
+FA2_KERNELS(f16, FaF16, 64)
+FA2_KERNELS(f16, FaF16, 128)
+
 #define FA_KERNELS(n_, E, D, BQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                      \
         flash_attn_fwd_##n_##_d##D(const unsigned short* q, const unsigned short* k,              \
@@ -471,8 +961,16 @@ __device__ void fa_bwd_dq_body(const float* dq_acc, unsigned short* dq, long lon
         float scale) {                                                                            \
         fa_bwd_body<E, D, BQ>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);   \
     }
-#define FA_DIMS(n_, E) FA_KERNELS(n_, E, 16, 64) FA_KERNELS(n_, E, 32, 64) \
-    FA_KERNELS(n_, E, 64, 64) FA_KERNELS(n_, E, 128, 32)
+// Head dims 16 and 32 run the first kernels; 64 and 128 the FA2 kernels
+// above, which share the pre-pass.
+#define FA_PRE(n_, E, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
+        const unsigned short* o, const unsigned short* d_o, float* dsum, float* dq_acc,           \
+        long long rows) {                                                                         \
+        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows);                                        \
+    }
+#define FA_DIMS(n_, E) FA_KERNELS(n_, E, 16, 64) FA_KERNELS(n_, E, 32, 64) FA_PRE(n_, E, 64) \
+    FA_PRE(n_, E, 128)
 FA_DIMS(bf16, FaBF16)
 FA_DIMS(f16, FaF16)
 extern "C" __global__ void flash_attn_bwd_dq_bf16(const float* a, unsigned short* dq, long long n,

@@ -93,6 +93,77 @@ macro_rules! names {
 const FWD: [&str; 8] = names!("flash_attn_fwd");
 const BWD_PRE: [&str; 8] = names!("flash_attn_bwd_pre");
 const BWD: [&str; 8] = names!("flash_attn_bwd");
+const FWD2: [&str; 8] = names!("flash_attn2_fwd");
+const BWD2: [&str; 8] = names!("flash_attn2_bwd");
+
+/// The launch shape of this call's forward or backward kernel.
+struct Launch {
+    name: &'static str,
+    cfg: LaunchConfig,
+}
+
+/// Whether head dim `d` takes the FlashAttention-2 kernels with the larger
+/// tiles (`flash_attn2_*`; 16 and 32 keep the first ones).
+fn tiled2(d: usize) -> bool {
+    matches!(d, 64 | 128)
+}
+
+/// Forward: 128 query rows per block of 128 threads (64 with the first
+/// kernels); the second kernels keep the Q tile, K and V tiles and their
+/// segment ids in dynamic shared memory.
+fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
+    if tiled2(dm.d) {
+        // Key tiles of 64 for head dim 64, 32 for 128 (flash_attn.cu).
+        let bn = if dm.d > 64 { 32 } else { 64 };
+        let smem = (128 + 2 * bn) * (dm.d + 8) * 2 + bn * 4;
+        return Launch {
+            name: FWD2[ki],
+            cfg: LaunchConfig {
+                grid_dim: (dm.t.div_ceil(128) as u32, (dm.b * dm.hq) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+        };
+    }
+    Launch {
+        name: FWD[ki],
+        cfg: grid(dm.t.div_ceil(TILE), dm.b * dm.hq),
+    }
+}
+
+/// Backward: 128 keys per block of 256 threads with K, V, two buffers of
+/// Q and dO tiles, dSᵀ and the per-query terms in dynamic shared memory
+/// (64 keys per block of 128 threads, static memory, with the first kernels).
+fn bwd_launch(ki: usize, dm: &Dims) -> Launch {
+    if tiled2(dm.d) {
+        let smem = (2 * 128 + 4 * 64) * (dm.d + 8) * 2 + 128 * 72 * 2 + 6 * 64 * 4;
+        return Launch {
+            name: BWD2[ki],
+            cfg: LaunchConfig {
+                grid_dim: (dm.t.div_ceil(128) as u32, (dm.b * dm.hkv) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+        };
+    }
+    Launch {
+        name: BWD[ki],
+        cfg: grid(dm.t.div_ceil(TILE), dm.b * dm.hkv),
+    }
+}
+
+/// Lets `l`'s kernel take its dynamic shared memory (above the default 48 KB).
+fn allow_smem(cu: &crate::cuda::CudaCtx, l: &Launch) -> Result<()> {
+    if l.cfg.shared_mem_bytes == 0 {
+        return Ok(());
+    }
+    cu.function("flash_attn", l.name)?
+        .set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            l.cfg.shared_mem_bytes as i32,
+        )
+        .map_err(|e| Error::cuda("cuFuncSetAttribute", format!("{}: {e:?}", l.name)))
+}
 
 /// The index of this call's CUDA kernels in [`FWD`] etc., or why this call
 /// is not supported.
@@ -180,12 +251,13 @@ pub fn flash_attn_fwd(
         );
         let ki = cuda_kernel(OP, q.dtype(), &dm, &[qp, kp, vp, op])?;
         let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
-        let c = grid(dm.t.div_ceil(TILE), dm.b * dm.hq);
+        let l = fwd_launch(ki, &dm);
+        allow_smem(cu, &l)?;
         return launch!(
             cu,
             "flash_attn",
-            FWD[ki],
-            c,
+            l.name,
+            l.cfg,
             qp,
             kp,
             vp,
@@ -325,12 +397,13 @@ pub fn flash_attn_bwd(
             accp,
             rows as i64
         )?;
-        let c = grid(t.div_ceil(TILE), b * hkv);
+        let l = bwd_launch(ki, &dm);
+        allow_smem(cu, &l)?;
         launch!(
             cu,
             "flash_attn",
-            BWD[ki],
-            c,
+            l.name,
+            l.cfg,
             qp,
             kp,
             vp,
