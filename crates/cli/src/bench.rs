@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// Gradient checkpointing (true|false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     checkpointing: bool,
+    /// Under checkpointing, keep each layer's attention output (true|false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_attention: bool,
+    /// Under checkpointing, the last N layers are not checkpointed.
+    #[arg(long, default_value_t = 0)]
+    skip_layers: usize,
     /// Optimizer steps run, warm-up included.
     #[arg(long, default_value_t = 12)]
     steps: usize,
@@ -121,6 +127,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let mut model = Model::random_quantized(config.clone(), &ctx, dtype, a.seed, quant.as_ref())
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;
     model.checkpointing = a.checkpointing;
+    model.checkpoint_keep_attention = a.keep_attention;
+    model.checkpoint_skip_layers = a.skip_layers;
     let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
             "r": a.lora_r,
@@ -224,6 +232,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "micro_batch": a.micro_batch,
         "grad_accum": a.grad_accum,
         "checkpointing": a.checkpointing,
+        "checkpoint_keep_attention": a.keep_attention,
+        "checkpoint_skip_layers": a.skip_layers,
         "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha,
         "dtype": a.dtype,

@@ -28,6 +28,13 @@ pub struct ModelSettings {
     pub quant: String,
     /// Gradient checkpointing (recompute each layer in backward).
     pub checkpointing: bool,
+    /// Under checkpointing, keep each layer's fused-attention output so the
+    /// recompute skips the attention forward (B·T·q_heads·head_dim values
+    /// per layer).
+    pub checkpoint_keep_attention: bool,
+    /// Under checkpointing, the last this-many layers keep all activations
+    /// (faster, more memory).
+    pub checkpoint_skip_layers: usize,
     /// `auto` (first GPU, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
 }
@@ -39,6 +46,8 @@ impl Default for ModelSettings {
             dtype: "auto".into(),
             quant: "auto".into(),
             checkpointing: true,
+            checkpoint_keep_attention: true,
+            checkpoint_skip_layers: 0,
             device: "auto".into(),
         }
     }

@@ -185,6 +185,8 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     let mut model =
         Model::from_dir_quantized(&dir, &ctx, dtype, quant.as_ref()).map_err(|e| e.to_string())?;
     model.checkpointing = s.model.checkpointing;
+    model.checkpoint_keep_attention = s.model.checkpoint_keep_attention;
+    model.checkpoint_skip_layers = s.model.checkpoint_skip_layers;
     let resume = args.resume.as_ref().map(|p| {
         if p.as_os_str() == "latest" {
             llmft_trainer::latest_checkpoint(&s.train.output_dir)

@@ -32,6 +32,22 @@ pub(crate) struct LayerActs {
     lora: HashMap<String, LoraSaved>,
 }
 
+/// A layer's attention record kept from its forward under gradient
+/// checkpointing, so that [`Layer::recompute`] skips the attention.
+pub(crate) struct KeptAttention(AttnRecord);
+
+impl LayerActs {
+    /// The fused attention's output and log-sum-exp (`B·T·H·D` values and
+    /// `B·H·T` f32 per layer), dropping everything else; `None` where the
+    /// materialized path ran (its `T × T` probabilities are not worth keeping).
+    pub(crate) fn take_attention(self) -> Option<KeptAttention> {
+        match self.scores {
+            AttnRecord::Fused { .. } => Some(KeptAttention(self.scores)),
+            AttnRecord::Probs(_) => None,
+        }
+    }
+}
+
 /// What the attention's backward needs besides q, k, v.
 enum AttnRecord {
     /// The fused kernel's output `[B, H, T, D]` (head-major) and the
@@ -101,6 +117,9 @@ pub(crate) struct Layer<'a> {
     pub mode: Mode,
     /// Adapter records of the forward in progress (moved into LayerActs).
     pub saved: RefCell<HashMap<String, LoraSaved>>,
+    /// Dequantized base weights kept for this layer's lifetime (a recompute
+    /// followed by its backward dequantizes each weight once), or `None`.
+    pub dense: Option<RefCell<HashMap<String, Tensor>>>,
 }
 
 impl Layer<'_> {
@@ -121,8 +140,18 @@ impl Layer<'_> {
         let full = format!("{}{name}.weight", self.prefix);
         match self.w.quantized(&full) {
             Some(q) => {
+                if let Some(t) = self
+                    .dense
+                    .as_ref()
+                    .and_then(|d| d.borrow().get(name).cloned())
+                {
+                    return Ok(t);
+                }
                 let mut t = self.z(&q.shape)?;
                 q.dequantize(self.ctx, &mut t)?;
+                if let Some(d) = &self.dense {
+                    d.borrow_mut().insert(name.to_string(), t.clone());
+                }
                 Ok(t)
             }
             None => self.w.get(&full),
@@ -328,7 +357,7 @@ impl Layer<'_> {
 
     /// Forward; returns y and the activations for backward.
     pub fn forward(&self, x: &Tensor, batch: &ModelBatch) -> Result<(Tensor, LayerActs)> {
-        let (y, a) = self.run(x, batch, true)?;
+        let (y, a) = self.run(x, batch, true, None)?;
         Ok((y.expect("the output was asked for"), a))
     }
 
@@ -336,8 +365,17 @@ impl Layer<'_> {
     /// under gradient checkpointing: the forward without its output (the
     /// base down_proj GEMM, about a quarter of the layer's linear FLOPs, and
     /// the residual add are not run).
-    pub fn recompute(&self, x: &Tensor, batch: &ModelBatch) -> Result<LayerActs> {
-        Ok(self.run(x, batch, false)?.1)
+    ///
+    /// `kept`: the attention record of this layer's forward
+    /// ([`LayerActs::take_attention`]); given, the attention forward is not
+    /// run again.
+    pub fn recompute(
+        &self,
+        x: &Tensor,
+        batch: &ModelBatch,
+        kept: Option<KeptAttention>,
+    ) -> Result<LayerActs> {
+        Ok(self.run(x, batch, false, kept)?.1)
     }
 
     fn run(
@@ -345,6 +383,7 @@ impl Layer<'_> {
         x: &Tensor,
         batch: &ModelBatch,
         need_y: bool,
+        kept: Option<KeptAttention>,
     ) -> Result<(Option<Tensor>, LayerActs)> {
         let c = self.cfg;
         let (b, t) = (batch.batch, batch.seq);
@@ -355,7 +394,16 @@ impl Layer<'_> {
         let v = to_heads(self.ctx, &p.v, b, t, nkv, d)?;
 
         let scale = 1.0 / (d as f32).sqrt();
-        let (attn, scores) = if self.fused_attention() {
+        let (attn, scores) = if let Some(KeptAttention(rec)) = kept {
+            let attn = match &rec {
+                AttnRecord::Fused { out, .. } => from_heads(self.ctx, out, b, t, nh, d)?,
+                AttnRecord::Probs(probs) => {
+                    let o3 = self.probs_v(probs, &v, b, t)?;
+                    from_heads(self.ctx, &o3, b, t, nh, d)?
+                }
+            };
+            (attn, rec)
+        } else if self.fused_attention() {
             let mut out = self.z(&[b, nh, t, d])?;
             let mut lse = self.f32z(&[b, nh, t])?;
             ops::flash_attn_fwd(

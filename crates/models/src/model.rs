@@ -8,7 +8,7 @@ use llmft_quant::QuantConfig;
 use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
 use llmft_tensor::{Ctx, DType, Tensor};
 
-use crate::layer::{KvCache, Layer, LayerActs};
+use crate::layer::{KeptAttention, KvCache, Layer, LayerActs};
 use crate::loader::{load_units, random_units};
 use crate::store::{Resident, WeightStore};
 use crate::{Error, ModelConfig, Result};
@@ -231,6 +231,15 @@ pub fn sample_token(logits: &[f32], opts: &GenerateOpts, step: u64) -> i32 {
     kept.last().map(|p| p.0 as i32).unwrap_or_else(argmax)
 }
 
+/// What the forward keeps of a layer for the backward.
+enum Kept {
+    /// Every activation (no checkpointing, or a layer it skips).
+    All(LayerActs),
+    /// Under checkpointing: the attention record, if kept; the rest is
+    /// recomputed from the layer input.
+    Attention(Option<KeptAttention>),
+}
+
 /// A decoder-only transformer over a weight store.
 pub struct Model {
     /// Its configuration.
@@ -241,6 +250,14 @@ pub struct Model {
     inv_freq: Tensor,
     /// Keep only each layer's input and recompute inside backward.
     pub checkpointing: bool,
+    /// Under checkpointing, also keep each layer's fused-attention output
+    /// and log-sum-exp (`B·T·q_heads·head_dim` values + `B·q_heads·T` f32
+    /// per layer), so the recompute does not run the attention forward
+    /// again. Default true.
+    pub checkpoint_keep_attention: bool,
+    /// Under checkpointing, the last this-many layers keep all their
+    /// activations instead (no recompute: faster, more memory). Default 0.
+    pub checkpoint_skip_layers: usize,
     adapter: Option<Adapter>,
     source_config: Option<serde_json::Value>,
 }
@@ -269,6 +286,8 @@ impl Model {
             store,
             inv_freq,
             checkpointing: false,
+            checkpoint_keep_attention: true,
+            checkpoint_skip_layers: 0,
             adapter: None,
             source_config: None,
         })
@@ -346,6 +365,21 @@ impl Model {
             adapter: self.adapter.as_ref(),
             mode,
             saved: Default::default(),
+            dense: None,
+        }
+    }
+
+    /// [`Model::layer`] keeping its dequantized weights until it is dropped
+    /// (for a recompute followed by the backward).
+    fn layer_for_backward<'a>(
+        &'a self,
+        w: &'a crate::store::UnitWeights,
+        i: usize,
+        mode: Mode,
+    ) -> Layer<'a> {
+        Layer {
+            dense: Some(Default::default()),
+            ..self.layer(w, i, mode)
         }
     }
 
@@ -571,8 +605,8 @@ impl Model {
         grads: Option<&mut Grads>,
     ) -> Result<Tensor> {
         let w = self.store.fetch(i + 1)?;
-        let layer = self.layer(&w, i, Self::mode(batch));
-        let a = layer.recompute(x, batch)?;
+        let layer = self.layer_for_backward(&w, i, Self::mode(batch));
+        let a = layer.recompute(x, batch, None)?;
         let mut grads = grads;
         layer.backward(x, &a, dy, batch, &mut grads)
     }
@@ -593,13 +627,22 @@ impl Model {
         let x0 = self.embed(batch)?;
         // Forward: keep each layer's input; keep activations unless checkpointing.
         let mut inputs: Vec<Tensor> = Vec::with_capacity(l + 1);
-        let mut acts: Vec<Option<LayerActs>> = Vec::with_capacity(l);
+        let mut acts: Vec<Kept> = Vec::with_capacity(l);
         let mut x = x0;
+        let recomputed = if self.checkpointing {
+            l.saturating_sub(self.checkpoint_skip_layers)
+        } else {
+            0
+        };
         for i in 0..l {
             self.store.prefetch(i + 2)?;
             let w = self.store.fetch(i + 1)?;
             let (y, a) = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?;
-            acts.push(if self.checkpointing { None } else { Some(a) });
+            acts.push(match (i < recomputed, self.checkpoint_keep_attention) {
+                (false, _) => Kept::All(a),
+                (true, true) => Kept::Attention(a.take_attention()),
+                (true, false) => Kept::Attention(None),
+            });
             inputs.push(x);
             x = y;
             self.store.release(i + 1)?;
@@ -643,11 +686,11 @@ impl Model {
         // Layers in reverse.
         for i in (0..l).rev() {
             let w = self.store.fetch(i + 1)?;
-            let layer = self.layer(&w, i, Self::mode(batch));
+            let layer = self.layer_for_backward(&w, i, Self::mode(batch));
             let xin = inputs.pop().expect("one input per layer");
-            let a = match acts.pop().flatten() {
-                Some(a) => a,
-                None => layer.recompute(&xin, batch)?,
+            let a = match acts.pop().expect("one record per layer") {
+                Kept::All(a) => a,
+                Kept::Attention(kept) => layer.recompute(&xin, batch, kept)?,
             };
             dx = layer.backward(&xin, &a, &dx, batch, &mut grads)?;
         }

@@ -1,0 +1,103 @@
+//! Every gradient-checkpointing mode gives the gradients of the plain
+//! backward, bit for bit: full recompute, recompute with the attention
+//! output kept from the forward (`checkpoint_keep_attention`), and some
+//! layers not checkpointed (`checkpoint_skip_layers`). On CUDA the model has
+//! head dim 64, so the fused attention runs (its kept output and
+//! log-sum-exp are what the recompute reuses) and the NF4 base weights are
+//! dequantized once for a layer's recompute and backward.
+use llmft_lora::LoraConfig;
+use llmft_models::{Grads, Model, ModelBatch, ModelConfig, QuantConfig};
+use llmft_tensor::{ops, Ctx, DType};
+
+fn gpu() -> Option<Ctx> {
+    if llmft_tensor::cuda_device_count() == 0 {
+        assert!(
+            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
+            "LLMFT_REQUIRE_GPU is set but no GPU was found"
+        );
+        eprintln!("skipping the CUDA case: no CUDA GPU");
+        return None;
+    }
+    Some(Ctx::cuda(0).unwrap())
+}
+
+/// A 3-layer Llama with 4 query heads of 64, 2 kv heads, NF4 decoder
+/// linears and a LoRA adapter on every linear whose B is random (so every
+/// A and B gets a non-zero gradient).
+fn model(ctx: &Ctx, dtype: DType) -> Model {
+    let mut cfg = ModelConfig::preset("llama3-8b").unwrap();
+    cfg.vocab_size = 512;
+    cfg.hidden_size = 256;
+    cfg.intermediate_size = 512;
+    cfg.num_layers = 3;
+    cfg.num_heads = 4;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 64;
+    let mut model = Model::random_quantized(cfg, ctx, dtype, 5, Some(&QuantConfig::nf4())).unwrap();
+    let lora: LoraConfig = serde_json::from_str(
+        r#"{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}"#,
+    )
+    .unwrap();
+    let mut adapter = model.new_adapter(lora, 7).unwrap();
+    for (i, l) in adapter.layers.values_mut().enumerate() {
+        ops::fill_uniform(ctx, &mut l.b, 100 + i as u64, -0.05, 0.05).unwrap();
+    }
+    model.attach_adapter(adapter);
+    model
+}
+
+fn grads(model: &Model, batch: &ModelBatch) -> (f64, Vec<(String, Vec<f32>, Vec<f32>)>) {
+    let mut g = Grads::for_adapter(model).unwrap();
+    let stats = model.forward_backward(batch, None, Some(&mut g)).unwrap();
+    let all = g
+        .lora_all()
+        .iter()
+        .map(|(n, l)| {
+            (
+                n.clone(),
+                l.a.to_f32_vec().unwrap(),
+                l.b.to_f32_vec().unwrap(),
+            )
+        })
+        .collect();
+    (stats.loss, all)
+}
+
+fn check(ctx: &Ctx, dtype: DType, seq: usize) {
+    let mut model = model(ctx, dtype);
+    let b = 2;
+    let ids: Vec<i32> = (0..b * seq).map(|i| ((i * 37 + 11) % 512) as i32).collect();
+    let mut batch = ModelBatch::from_host(ctx, b, seq, &ids, None, None, None).unwrap();
+    batch.dropout_seed = Some(3);
+    let (l0, g0) = grads(&model, &batch);
+    assert!(
+        g0.iter()
+            .all(|(_, a, b)| a.iter().any(|v| *v != 0.0) && b.iter().any(|v| *v != 0.0)),
+        "every adapter weight should get a non-zero gradient"
+    );
+    model.checkpointing = true;
+    for (keep, skip) in [(false, 0), (true, 0), (true, 2), (false, 1), (true, 3)] {
+        model.checkpoint_keep_attention = keep;
+        model.checkpoint_skip_layers = skip;
+        let (l, g) = grads(&model, &batch);
+        let mode = format!("{dtype} seq {seq}: keep_attention={keep} skip_layers={skip}");
+        assert_eq!(l, l0, "{mode}: loss");
+        for ((name, a0, b0), (_, a, b)) in g0.iter().zip(&g) {
+            assert_eq!(a, a0, "{mode}: {name} dA");
+            assert_eq!(b, b0, "{mode}: {name} dB");
+        }
+    }
+}
+
+#[test]
+fn checkpointing_modes_give_the_plain_gradients_on_the_cpu() {
+    check(&Ctx::cpu(), DType::F32, 24);
+}
+
+#[test]
+fn checkpointing_modes_give_the_plain_gradients_on_cuda() {
+    let Some(ctx) = gpu() else { return };
+    for seq in [200, 1030] {
+        check(&ctx, DType::BF16, seq);
+    }
+}
