@@ -698,10 +698,19 @@ fn lm_head_cross_entropy_large_vocab() {
                 gst.loss, nograd.loss,
                 "V = {v} {dt}: the loss without gradients differs"
             );
-            res.cmp("cross_entropy_large_vocab_dh", dt, &gdh, &dh)
-                .unwrap();
-            res.cmp("cross_entropy_large_vocab_dw", dt, &gdw, &dw)
-                .unwrap();
+            // dh sums over the whole vocabulary (up to 262k terms), in
+            // cuBLASLt's split-K order on CUDA: f32 gets 1e-4, not 1e-5.
+            let tol = if dt == DType::F32 { 1e-4 } else { tol_for(dt) };
+            for (what, g, c) in [("dh", &gdh, &dh), ("dw", &gdw, &dw)] {
+                res.vals(
+                    &format!("cross_entropy_large_vocab_{what}"),
+                    dt,
+                    &f64s(g),
+                    &f64s(c),
+                    tol,
+                )
+                .unwrap_or_else(|e| panic!("V = {v}: {e:?}"));
+            }
         }
     }
 }
