@@ -246,9 +246,11 @@ __device__ void fa_fwd_body(const unsigned short* q, const unsigned short* k,
 
 // Backward pre-pass: dsum[row] = Σ_d dO·O (one warp per row); also zeroes
 // the f32 dq accumulator rows.
+// Rows are in memory order; with tok (token-major [B, T, H, D]) memory row
+// (b·T + t)·H + h is written to dsum[(b·H + h)·T + t].
 template <typename E, int D>
 __device__ void fa_bwd_pre_body(const unsigned short* o, const unsigned short* d_o, float* dsum,
-                                float* dq_acc, long long rows) {
+                                float* dq_acc, long long rows, int T, int H, int tok) {
     long long row = (long long)blockIdx.x * FA_WARPS + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -258,7 +260,12 @@ __device__ void fa_bwd_pre_body(const unsigned short* o, const unsigned short* d
         dq_acc[row * D + c] = 0.f;
     }
     s = warp_sum(s);
-    if (lane == 0) dsum[row] = s;
+    long long at = row;
+    if (tok) {
+        long long bt = row / H, h = row % H;
+        at = (bt / T * H + h) * T + bt % T;
+    }
+    if (lane == 0) dsum[at] = s;
 }
 
 // Backward main pass: grid (ceil(T / 64) key tiles, B * Hkv). BQ query rows
@@ -501,11 +508,11 @@ __device__ __forceinline__ void fa_red2(float* dst, float a, float b) {
 #endif
 }
 
-// Rows [r0, r0 + R) of a [T, D] head into shared memory (row stride D + 8)
-// with cp.async (NT threads); rows past T are zero-filled.
+// Rows [r0, r0 + R) of a head (row i at g + i·ld) into shared memory (row
+// stride D + 8) with cp.async (NT threads); rows past T are zero-filled.
 template <int R, int D, int NT>
 __device__ __forceinline__ void fa_async_tile(unsigned short* s, const unsigned short* g, int r0,
-                                              int T) {
+                                              int T, int ld) {
     const int VPR = D / 8;
     static_assert((R * VPR) % NT == 0, "tile vectors must split evenly over the threads");
 #pragma unroll
@@ -513,32 +520,38 @@ __device__ __forceinline__ void fa_async_tile(unsigned short* s, const unsigned 
         int i = it * NT + threadIdx.x;
         int r = i / VPR, c = (i % VPR) * 8;
         bool ok = r0 + r < T;
-        const unsigned short* src = ok ? g + (long long)(r0 + r) * D + c : g;
+        const unsigned short* src = ok ? g + (long long)(r0 + r) * ld + c : g;
         fa_cp16(fa_smem(s + r * (D + 8) + c), src, ok ? 16 : 0);
     }
 }
 
-// Forward: grid (ceil(T / 128) query tiles, B * Hq), 128 threads, BN-key
+// Forward: grid (B * Hq, ceil(T / 128) query tiles), 128 threads, BN-key
 // tiles (64 for D = 64; 32 for D = 128, which keeps the scores of two MMA
 // tiles next to the 128-wide output in registers), dynamic shared memory
 // (128 + 2·BN) · (D + 8) · 2 bytes + BN ints.
 template <typename E, int D, int BN>
 __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
                              const unsigned short* v, const int* seg, unsigned short* o,
-                             float* lse, int Hq, int Hkv, int T, float scale) {
+                             float* lse, int Hq, int Hkv, int T, float scale, int tok) {
     const int SD = D + 8;
     extern __shared__ __align__(16) unsigned short fa_sm[];
     unsigned short* sQ = fa_sm;
     unsigned short* sK = sQ + F2_M * SD;
     unsigned short* sV = sK + BN * SD;
     int* sSeg = reinterpret_cast<int*>(sV + BN * SD);
-    // The longest rows (most key tiles) start first.
-    const int mt = gridDim.x - 1 - blockIdx.x;
-    const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq;
+    // Blocks start in x-fastest order: with the heads on x, every head's
+    // longest query tile (most key tiles) starts before any shorter one.
+    const int mt = gridDim.y - 1 - blockIdx.y;
+    const int bh = blockIdx.x, b = bh / Hq, h = bh % Hq;
     const int hk = h / (Hq / Hkv);
-    const unsigned short* qb = q + (long long)bh * T * D;
-    const unsigned short* kb = k + ((long long)b * Hkv + hk) * T * D;
-    const unsigned short* vb = v + ((long long)b * Hkv + hk) * T * D;
+    // Head-major [B, H, T, D] or token-major [B, T, H, D] (tok): row stride
+    // and head offset of q/o and of k/v.
+    const int ldq = tok ? Hq * D : D, ldk = tok ? Hkv * D : D;
+    const long long hq_off = tok ? D : (long long)T * D;
+    const long long hk_off = tok ? D : (long long)T * D;
+    const unsigned short* qb = q + (long long)b * T * Hq * D + h * hq_off;
+    const unsigned short* kb = k + (long long)b * T * Hkv * D + hk * hk_off;
+    const unsigned short* vb = v + (long long)b * T * Hkv * D + hk * hk_off;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int q0 = mt * F2_M;
@@ -546,8 +559,8 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
     const int nkt = (min(q0 + F2_M, T) - 1) / BN + 1;
     const int* sg = seg ? seg + (long long)b * T : 0;
 
-    fa_async_tile<F2_M, D, F2_THREADS>(sQ, qb, q0, T);
-    fa_async_tile<BN, D, F2_THREADS>(sK, kb, 0, T);
+    fa_async_tile<F2_M, D, F2_THREADS>(sQ, qb, q0, T, ldq);
+    fa_async_tile<BN, D, F2_THREADS>(sK, kb, 0, T, ldk);
     fa_cp_commit();
     if (sg && threadIdx.x < BN) sSeg[threadIdx.x] = threadIdx.x < T ? sg[threadIdx.x] : -2;
 
@@ -579,7 +592,7 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
         const int k0 = kt * BN;
         fa_cp_wait_all();
         __syncthreads();  // K(kt) and its segments visible; every warp is done with V(kt - 1)
-        fa_async_tile<BN, D, F2_THREADS>(sV, vb, k0, T);
+        fa_async_tile<BN, D, F2_THREADS>(sV, vb, k0, T, ldk);
         fa_cp_commit();
         // Some row of this warp sees a key of this tile / some key is hidden from some row.
         const bool active = k0 <= wr0 + 31;
@@ -661,7 +674,7 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
         fa_cp_wait_all();
         __syncthreads();  // V(kt) visible; every warp is done with K(kt) and its segments
         if (kt + 1 < nkt) {
-            fa_async_tile<BN, D, F2_THREADS>(sK, kb, k0 + BN, T);
+            fa_async_tile<BN, D, F2_THREADS>(sK, kb, k0 + BN, T, ldk);
             fa_cp_commit();
             if (sg && threadIdx.x < BN) {
                 int j = k0 + BN + threadIdx.x;
@@ -692,7 +705,7 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
             }
         }
     }
-    unsigned short* ob = o + (long long)bh * T * D;
+    unsigned short* ob = o + (qb - q);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const float la = fa_quad_sum(l[i][0]), lb = fa_quad_sum(l[i][1]);
@@ -702,10 +715,10 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
         for (int d = 0; d < D / 8; ++d) {
             int c = d * 8 + tq * 2;
             if (r0 < T)
-                *reinterpret_cast<u32_t*>(ob + (long long)r0 * D + c) =
+                *reinterpret_cast<u32_t*>(ob + (long long)r0 * ldq + c) =
                     E::pack(acc[i][d][0] * inv0, acc[i][d][1] * inv0);
             if (r1 < T)
-                *reinterpret_cast<u32_t*>(ob + (long long)r1 * D + c) =
+                *reinterpret_cast<u32_t*>(ob + (long long)r1 * ldq + c) =
                     E::pack(acc[i][d][2] * inv1, acc[i][d][3] * inv1);
         }
         if (tq == 0) {
@@ -715,7 +728,7 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
     }
 }
 
-// Backward: grid (ceil(T / 128) key tiles, B * Hkv), 256 threads, dynamic
+// Backward: grid (B * Hkv, ceil(T / 128) key tiles), 256 threads, dynamic
 // shared memory (2·128 + 4·64) · (D + 8) · 2 + 128 · 72 · 2 + 6 · 64 · 4 bytes.
 // Each block walks the 64-query tiles (of every query head sharing its kv
 // head) that can see its keys.
@@ -723,7 +736,7 @@ template <typename E, int D>
 __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
                              const unsigned short* v, const unsigned short* d_o, const float* lse,
                              const float* dsum, const int* seg, float* dq_acc, unsigned short* dk,
-                             unsigned short* dv, int Hq, int Hkv, int T, float scale) {
+                             unsigned short* dv, int Hq, int Hkv, int T, float scale, int tok) {
     const int SD = D + 8, SS = B2_M + 8;
     extern __shared__ __align__(16) unsigned short fa_sm[];
     unsigned short* sK = fa_sm;
@@ -734,11 +747,19 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     float* sL = reinterpret_cast<float*>(sS + B2_N * SS);
     float* sDs = sL + 2 * B2_M;
     int* sSq = reinterpret_cast<int*>(sDs + 2 * B2_M);
-    const int kt = blockIdx.x, bk = blockIdx.y, b = bk / Hkv, hk = bk % Hkv;
+    // Heads on x: every head's first key tile (the most query tiles) starts
+    // before any later one.
+    const int kt = blockIdx.y, bk = blockIdx.x, b = bk / Hkv, hk = bk % Hkv;
     const int rep = Hq / Hkv;
     const int k0 = kt * B2_N;
-    const unsigned short* kb = k + (long long)bk * T * D;
-    const unsigned short* vb = v + (long long)bk * T * D;
+    // Head-major or token-major (tok) as in the forward; q, dO and the dq
+    // accumulator share q's layout, dk and dv k's.
+    const int ldq = tok ? Hq * D : D, ldk = tok ? Hkv * D : D;
+    const long long hq_off = tok ? D : (long long)T * D;
+    const long long hk_off = tok ? D : (long long)T * D;
+    const long long kv_off = (long long)b * T * Hkv * D + hk * hk_off;
+    const unsigned short* kb = k + kv_off;
+    const unsigned short* vb = v + kv_off;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int wk0 = k0 + warp * 16;  // this warp's first key
@@ -756,8 +777,9 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     auto issue = [&](int it, int buf) {
         const int q0 = qs + (it % nq) * B2_M;
         const long long bhq = (long long)b * Hq + hk * rep + it / nq;
-        fa_async_tile<B2_M, D, B2_THREADS>(sQ + buf * B2_M * SD, q + bhq * T * D, q0, T);
-        fa_async_tile<B2_M, D, B2_THREADS>(sO + buf * B2_M * SD, d_o + bhq * T * D, q0, T);
+        const long long q_off = (long long)b * T * Hq * D + (hk * rep + it / nq) * hq_off;
+        fa_async_tile<B2_M, D, B2_THREADS>(sQ + buf * B2_M * SD, q + q_off, q0, T, ldq);
+        fa_async_tile<B2_M, D, B2_THREADS>(sO + buf * B2_M * SD, d_o + q_off, q0, T, ldq);
         fa_cp_commit();
         if (threadIdx.x < B2_M) {
             int i = q0 + threadIdx.x;
@@ -767,8 +789,8 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
             sSq[buf * B2_M + threadIdx.x] = in ? (sg ? sg[i] : 0) : -3;
         }
     };
-    fa_async_tile<B2_N, D, B2_THREADS>(sK, kb, k0, T);
-    fa_async_tile<B2_N, D, B2_THREADS>(sV, vb, k0, T);
+    fa_async_tile<B2_N, D, B2_THREADS>(sK, kb, k0, T, ldk);
+    fa_async_tile<B2_N, D, B2_THREADS>(sV, vb, k0, T, ldk);
     if (n_it > 0) issue(0, 0);
 
     float dka[D / 8][4], dva[D / 8][4];
@@ -897,28 +919,28 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
             }
         }
         const int qa = q0 + mtile * 16 + g, qb2 = qa + 8;
-        float* dqb = dq_acc + bhq * T * D;
+        float* dqb = dq_acc + (long long)b * T * Hq * D + (bhq - (long long)b * Hq) * hq_off;
 #pragma unroll
         for (int n = 0; n < NTW; ++n) {
             int c = (part * NTW + n) * 8 + tq * 2;
-            if (qa < T) fa_red2(dqb + (long long)qa * D + c, dqa[n][0], dqa[n][1]);
-            if (qb2 < T) fa_red2(dqb + (long long)qb2 * D + c, dqa[n][2], dqa[n][3]);
+            if (qa < T) fa_red2(dqb + (long long)qa * ldq + c, dqa[n][0], dqa[n][1]);
+            if (qb2 < T) fa_red2(dqb + (long long)qb2 * ldq + c, dqa[n][2], dqa[n][3]);
         }
     }
-    unsigned short* dkb = dk + (long long)bk * T * D;
-    unsigned short* dvb = dv + (long long)bk * T * D;
+    unsigned short* dkb = dk + kv_off;
+    unsigned short* dvb = dv + kv_off;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
         int c = i * 8 + tq * 2;
         if (j0 < T) {
-            *reinterpret_cast<u32_t*>(dkb + (long long)j0 * D + c) =
+            *reinterpret_cast<u32_t*>(dkb + (long long)j0 * ldk + c) =
                 E::pack(dka[i][0] * scale, dka[i][1] * scale);
-            *reinterpret_cast<u32_t*>(dvb + (long long)j0 * D + c) = E::pack(dva[i][0], dva[i][1]);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j0 * ldk + c) = E::pack(dva[i][0], dva[i][1]);
         }
         if (j1 < T) {
-            *reinterpret_cast<u32_t*>(dkb + (long long)j1 * D + c) =
+            *reinterpret_cast<u32_t*>(dkb + (long long)j1 * ldk + c) =
                 E::pack(dka[i][2] * scale, dka[i][3] * scale);
-            *reinterpret_cast<u32_t*>(dvb + (long long)j1 * D + c) = E::pack(dva[i][2], dva[i][3]);
+            *reinterpret_cast<u32_t*>(dvb + (long long)j1 * ldk + c) = E::pack(dva[i][2], dva[i][3]);
         }
     }
 }
@@ -927,15 +949,15 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     extern "C" __global__ void __launch_bounds__(F2_THREADS, 2)                                   \
         flash_attn2_fwd_##n_##_d##D(const unsigned short* q, const unsigned short* k,             \
                                     const unsigned short* v, const int* seg, unsigned short* o,   \
-                                    float* lse, int Hq, int Hkv, int T, float scale) {            \
-        fa2_fwd_body<E, D, (D > 64 ? 32 : 64)>(q, k, v, seg, o, lse, Hq, Hkv, T, scale);          \
+                                    float* lse, int Hq, int Hkv, int T, float scale, int tok) {   \
+        fa2_fwd_body<E, D, (D > 64 ? 32 : 64)>(q, k, v, seg, o, lse, Hq, Hkv, T, scale, tok);     \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(B2_THREADS, 1) flash_attn2_bwd_##n_##_d##D(      \
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
         const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
         float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
-        float scale) {                                                                            \
-        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);      \
+        float scale, int tok) {                                                                   \
+        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale, tok); \
     }
 FA2_KERNELS(bf16, FaBF16, 64)
 FA2_KERNELS(bf16, FaBF16, 128)
@@ -951,8 +973,8 @@ FA2_KERNELS(f16, FaF16, 128)
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
         const unsigned short* o, const unsigned short* d_o, float* dsum, float* dq_acc,           \
-        long long rows) {                                                                         \
-        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows);                                        \
+        long long rows, int T, int H, int tok) {                                                  \
+        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows, T, H, tok);                             \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##n_##_d##D(          \
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
@@ -966,8 +988,8 @@ FA2_KERNELS(f16, FaF16, 128)
 #define FA_PRE(n_, E, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
         const unsigned short* o, const unsigned short* d_o, float* dsum, float* dq_acc,           \
-        long long rows) {                                                                         \
-        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows);                                        \
+        long long rows, int T, int H, int tok) {                                                  \
+        fa_bwd_pre_body<E, D>(o, d_o, dsum, dq_acc, rows, T, H, tok);                             \
     }
 #define FA_DIMS(n_, E) FA_KERNELS(n_, E, 16, 64) FA_KERNELS(n_, E, 32, 64) FA_PRE(n_, E, 64) \
     FA_PRE(n_, E, 128)

@@ -21,7 +21,8 @@ use crate::{ModelConfig, Result};
 /// gradient checkpointing).
 pub(crate) struct LayerActs {
     inp: AttnIn,
-    /// q, k, v head-major `[B, H, T, D]` (after RoPE).
+    /// q, k, v after RoPE: token-major `[B, T, H, D]` where the fused
+    /// attention runs, head-major `[B, H, T, D]` on the materialized path.
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -37,6 +38,12 @@ pub(crate) struct LayerActs {
 pub(crate) struct KeptAttention(AttnRecord);
 
 impl LayerActs {
+    /// Frees the SwiGLU output (`B·T·intermediate` values); the backward
+    /// recomputes it from the kept gate and up projections.
+    pub(crate) fn drop_act(&mut self) {
+        self.mlp.act = None;
+    }
+
     /// The fused attention's output and log-sum-exp (`B·T·H·D` values and
     /// `B·H·T` f32 per layer), dropping everything else; `None` where the
     /// materialized path ran (its `T × T` probabilities are not worth keeping).
@@ -50,8 +57,9 @@ impl LayerActs {
 
 /// What the attention's backward needs besides q, k, v.
 enum AttnRecord {
-    /// The fused kernel's output `[B, H, T, D]` (head-major) and the
-    /// log-sum-exp of each query's scaled scores `[B, H, T]`.
+    /// The fused kernel's output `[B, T, H, D]` (token-major; the o_proj
+    /// input is the same memory) and the log-sum-exp of each query's scaled
+    /// scores `[B, H, T]`.
     Fused { out: Tensor, lse: Tensor },
     /// The materialized probabilities `[B, H, T, T]`, where the fused kernel
     /// does not run (see `Layer::fused_attention`).
@@ -82,7 +90,9 @@ struct Mlp {
     rstd2: Tensor,
     gate: Tensor,
     up: Tensor,
-    act: Tensor,
+    /// `silu(gate) ⊙ up`, or `None` once dropped ([`LayerActs::drop_act`]):
+    /// the backward then recomputes it.
+    act: Option<Tensor>,
 }
 
 /// Keys and values of one layer for one sequence: `[kv_heads, capacity, head_dim]`.
@@ -350,7 +360,7 @@ impl Layer<'_> {
                 rstd2,
                 gate,
                 up,
-                act,
+                act: Some(act),
             },
         ))
     }
@@ -388,25 +398,38 @@ impl Layer<'_> {
         let c = self.cfg;
         let (b, t) = (batch.batch, batch.seq);
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let n = b * t;
         let p = self.qkv(x, &batch.positions)?;
-        let q = to_heads(self.ctx, &p.q, b, t, nh, d)?;
-        let k = to_heads(self.ctx, &p.k, b, t, nkv, d)?;
-        let v = to_heads(self.ctx, &p.v, b, t, nkv, d)?;
+        // The fused kernel reads the projections' token-major layout as is.
+        let fused = self.fused_attention();
+        let (q, k, v) = if fused {
+            (
+                p.q.reshape(&[b, t, nh, d])?,
+                p.k.reshape(&[b, t, nkv, d])?,
+                p.v.reshape(&[b, t, nkv, d])?,
+            )
+        } else {
+            (
+                to_heads(self.ctx, &p.q, b, t, nh, d)?,
+                to_heads(self.ctx, &p.k, b, t, nkv, d)?,
+                to_heads(self.ctx, &p.v, b, t, nkv, d)?,
+            )
+        };
 
         let scale = 1.0 / (d as f32).sqrt();
         let (attn, scores) = if let Some(KeptAttention(rec)) = kept {
             let attn = match &rec {
-                AttnRecord::Fused { out, .. } => from_heads(self.ctx, out, b, t, nh, d)?,
+                AttnRecord::Fused { out, .. } => out.reshape(&[n, nh * d])?,
                 AttnRecord::Probs(probs) => {
                     let o3 = self.probs_v(probs, &v, b, t)?;
                     from_heads(self.ctx, &o3, b, t, nh, d)?
                 }
             };
             (attn, rec)
-        } else if self.fused_attention() {
-            let mut out = self.z(&[b, nh, t, d])?;
+        } else if fused {
+            let mut out = self.z(&[b, t, nh, d])?;
             let mut lse = self.f32z(&[b, nh, t])?;
-            ops::flash_attn_fwd(
+            ops::flash_attn_fwd_tokens(
                 self.ctx,
                 &q,
                 &k,
@@ -416,7 +439,8 @@ impl Layer<'_> {
                 &mut out,
                 &mut lse,
             )?;
-            let attn = from_heads(self.ctx, &out, b, t, nh, d)?;
+            // o_proj's input is the same memory.
+            let attn = out.reshape(&[n, nh * d])?;
             (attn, AttnRecord::Fused { out, lse })
         } else {
             let probs = self.materialized_attn(&q, &k, batch, scale)?;
@@ -657,16 +681,16 @@ impl Layer<'_> {
         let scale = 1.0 / (d as f32).sqrt();
 
         // MLP: y = x2 + down(act)
+        let act = match &a.mlp.act {
+            Some(act) => act.clone(),
+            None => {
+                let mut act = self.z(&[n, f])?;
+                ops::swiglu_fwd(self.ctx, &a.mlp.gate, &a.mlp.up, &mut act)?;
+                act
+            }
+        };
         let mut dact = self.z(&[n, f])?;
-        self.linear_bwd(
-            "mlp.down_proj",
-            &a.mlp.act,
-            dy,
-            &mut dact,
-            false,
-            &a.lora,
-            grads,
-        )?;
+        self.linear_bwd("mlp.down_proj", &act, dy, &mut dact, false, &a.lora, grads)?;
         let mut dgate = self.z(&[n, f])?;
         let mut dup = self.z(&[n, f])?;
         ops::swiglu_bwd(
@@ -723,19 +747,19 @@ impl Layer<'_> {
             &a.lora,
             grads,
         )?;
-        let d_o = to_heads(self.ctx, &dattn.reshape(&[n, nh, d])?, b, t, nh, d)?;
-        let (dq, dk, dv) = match &a.scores {
+        // dq, dk, dv token-major [B·T, H·D].
+        let (dq_tok, dk_tok, dv_tok) = match &a.scores {
             AttnRecord::Fused { out, lse } => {
-                let mut dq = self.z(&[b, nh, t, d])?;
-                let mut dk = self.z(&[b, nkv, t, d])?;
-                let mut dv = self.z(&[b, nkv, t, d])?;
-                ops::flash_attn_bwd(
+                let mut dq = self.z(&[b, t, nh, d])?;
+                let mut dk = self.z(&[b, t, nkv, d])?;
+                let mut dv = self.z(&[b, t, nkv, d])?;
+                ops::flash_attn_bwd_tokens(
                     self.ctx,
                     &a.q,
                     &a.k,
                     &a.v,
                     out,
-                    &d_o,
+                    &dattn.reshape(&[b, t, nh, d])?,
                     lse,
                     batch.segments.as_ref(),
                     scale,
@@ -743,14 +767,23 @@ impl Layer<'_> {
                     &mut dk,
                     &mut dv,
                 )?;
-                (dq, dk, dv)
+                (
+                    dq.reshape(&[n, nh * d])?,
+                    dk.reshape(&[n, nkv * d])?,
+                    dv.reshape(&[n, nkv * d])?,
+                )
             }
-            AttnRecord::Probs(probs) => self.materialized_attn_bwd(a, probs, &d_o, b, t, scale)?,
+            AttnRecord::Probs(probs) => {
+                let d_o = to_heads(self.ctx, &dattn.reshape(&[n, nh, d])?, b, t, nh, d)?;
+                let (dq, dk, dv) = self.materialized_attn_bwd(a, probs, &d_o, b, t, scale)?;
+                (
+                    from_heads(self.ctx, &dq, b, t, nh, d)?,
+                    from_heads(self.ctx, &dk, b, t, nkv, d)?,
+                    from_heads(self.ctx, &dv, b, t, nkv, d)?,
+                )
+            }
         };
-        drop(d_o);
-        let dq_tok = from_heads(self.ctx, &dq, b, t, nh, d)?;
-        let dk_tok = from_heads(self.ctx, &dk, b, t, nkv, d)?;
-        let dv_tok = from_heads(self.ctx, &dv, b, t, nkv, d)?;
+        drop(dattn);
         let mut dq_r = self.z(&[n, nh, d])?;
         ops::rope_bwd(
             self.ctx,

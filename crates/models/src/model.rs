@@ -255,8 +255,9 @@ pub struct Model {
     /// per layer), so the recompute does not run the attention forward
     /// again. Default true.
     pub checkpoint_keep_attention: bool,
-    /// Under checkpointing, the last this-many layers keep all their
-    /// activations instead (no recompute: faster, more memory). Default 0.
+    /// Under checkpointing, the last this-many layers keep their activations
+    /// instead (no recompute: faster, more memory; the SwiGLU output is
+    /// recomputed from the kept gate and up projections). Default 0.
     pub checkpoint_skip_layers: usize,
     adapter: Option<Adapter>,
     source_config: Option<serde_json::Value>,
@@ -639,6 +640,12 @@ impl Model {
             let w = self.store.fetch(i + 1)?;
             let (y, a) = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?;
             acts.push(match (i < recomputed, self.checkpoint_keep_attention) {
+                // A layer checkpointing skips keeps all but the SwiGLU output.
+                (false, _) if self.checkpointing => {
+                    let mut a = a;
+                    a.drop_act();
+                    Kept::All(a)
+                }
                 (false, _) => Kept::All(a),
                 (true, true) => Kept::Attention(a.take_attention()),
                 (true, false) => Kept::Attention(None),

@@ -214,6 +214,79 @@ fn fused(ctx: &Ctx, c: &Case, dt: DType) -> Fused {
     }
 }
 
+/// [`fused`] through the token-major API (`[B, T, H, D]` tensors, made and
+/// read back with exact transposes on `ctx`), in head-major layout.
+fn fused_tokens(ctx: &Ctx, c: &Case, dt: DType) -> Fused {
+    let tok = |x: &Tensor| {
+        let s = x.shape().to_vec();
+        let mut y = Tensor::zeros(ctx, x.dtype(), &[s[0], s[2], s[1], s[3]]).unwrap();
+        ops::permute_0213(ctx, x, &mut y).unwrap();
+        y
+    };
+    let (qs, ks) = (c.qshape(), c.kshape());
+    let q = tok(&tensor(ctx, &c.q, dt, &qs));
+    let k = tok(&tensor(ctx, &c.k, dt, &ks));
+    let v = tok(&tensor(ctx, &c.v, dt, &ks));
+    let d_out = tok(&tensor(ctx, &c.d_out, dt, &qs));
+    let seg = c
+        .seg
+        .as_ref()
+        .map(|s| Tensor::from_slice(ctx, s, &[c.b, c.t]).unwrap());
+    let mut out = Tensor::zeros(ctx, dt, q.shape()).unwrap();
+    let mut lse = Tensor::zeros(ctx, DType::F32, &[c.b, c.hq, c.t]).unwrap();
+    ops::flash_attn_fwd_tokens(ctx, &q, &k, &v, seg.as_ref(), c.scale(), &mut out, &mut lse)
+        .unwrap();
+    let mut dq = Tensor::zeros(ctx, dt, q.shape()).unwrap();
+    let mut dk = Tensor::zeros(ctx, dt, k.shape()).unwrap();
+    let mut dv = Tensor::zeros(ctx, dt, k.shape()).unwrap();
+    ops::flash_attn_bwd_tokens(
+        ctx,
+        &q,
+        &k,
+        &v,
+        &out,
+        &d_out,
+        &lse,
+        seg.as_ref(),
+        c.scale(),
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )
+    .unwrap();
+    Fused {
+        out: tok(&out),
+        lse,
+        dq: tok(&dq),
+        dk: tok(&dk),
+        dv: tok(&dv),
+    }
+}
+
+#[test]
+fn token_major_layout_matches_head_major() {
+    let cpu = Ctx::cpu();
+    for (i, &(b, hq, hkv, t, d, seg)) in [(2, 4, 2, 19, 16, true), (1, 2, 1, 33, 64, false)]
+        .iter()
+        .enumerate()
+    {
+        let c = Case::new(60 + i as u64, DType::F32, b, hq, hkv, t, d, seg);
+        let (h, tk) = (
+            fused(&cpu, &c, DType::F32),
+            fused_tokens(&cpu, &c, DType::F32),
+        );
+        for (what, a, bb) in [
+            ("out", &h.out, &tk.out),
+            ("lse", &h.lse, &tk.lse),
+            ("dq", &h.dq, &tk.dq),
+            ("dk", &h.dk, &tk.dk),
+            ("dv", &h.dv, &tk.dv),
+        ] {
+            assert_eq!(f64s(a), f64s(bb), "{what} for {c:?}");
+        }
+    }
+}
+
 fn check_against_reference(c: &Case, tol: f64) -> Result<(), String> {
     let f = fused(&Ctx::cpu(), c, DType::F32);
     let r = reference(c);
@@ -384,13 +457,18 @@ fn cuda_matches_cpu() {
         {
             let c = Case::new(100 + i as u64, dt, b, hq, hkv, t, d, seg);
             let want = fused(&cpu, &c, dt);
-            let got = fused(&g, &c, dt);
+            let (got, got_tok) = (fused(&g, &c, dt), fused_tokens(&g, &c, dt));
             for (what, gt, ct) in [
                 ("out", &got.out, &want.out),
                 ("lse", &got.lse, &want.lse),
                 ("dq", &got.dq, &want.dq),
                 ("dk", &got.dk, &want.dk),
                 ("dv", &got.dv, &want.dv),
+                ("out (token-major)", &got_tok.out, &want.out),
+                ("lse (token-major)", &got_tok.lse, &want.lse),
+                ("dq (token-major)", &got_tok.dq, &want.dq),
+                ("dk (token-major)", &got_tok.dk, &want.dk),
+                ("dv (token-major)", &got_tok.dv, &want.dv),
             ] {
                 let e = rel_l2(&f64s(gt), &f64s(ct));
                 println!(

@@ -32,6 +32,9 @@ struct Dims {
     d: usize,
 }
 
+/// The dimensions of a call with head-major (`[B, H, T, D]`) or, with
+/// `tok`, token-major (`[B, T, H, D]`) q, k, v.
+#[allow(clippy::too_many_arguments)]
 fn check(
     op: &'static str,
     ctx: &Ctx,
@@ -40,6 +43,7 @@ fn check(
     v: &Tensor,
     segments: Option<&Tensor>,
     lse: &Tensor,
+    tok: bool,
 ) -> Result<Dims> {
     on_ctx(ctx, op, &[("q", q), ("k", k), ("v", v), ("lse", lse)])?;
     dtype_in(op, "q", q, FLOATS)?;
@@ -47,23 +51,33 @@ fn check(
     dtype_is(op, "v", v, q.dtype())?;
     dtype_is(op, "lse", lse, DType::F32)?;
     let (qs, ks) = (q.shape(), k.shape());
-    if qs.len() != 4 || ks.len() != 4 || ks[1] == 0 || qs[1] % ks[1] != 0 {
+    let (hi, ti) = if tok { (2, 1) } else { (1, 2) };
+    if qs.len() != 4 || ks.len() != 4 || ks[hi] == 0 || qs[hi] % ks[hi] != 0 {
+        let form = if tok {
+            "[batch, seq, heads, head_dim]"
+        } else {
+            "[batch, heads, seq, head_dim]"
+        };
         return Err(Error::Invalid {
             op,
             msg: format!(
-                "q must be [batch, q_heads, seq, head_dim] and k [batch, kv_heads, seq, head_dim] \
-                 with q_heads a multiple of kv_heads, got {qs:?} and {ks:?}"
+                "q and k must be {form} with q's heads a multiple of k's, got {qs:?} and {ks:?}"
             ),
         });
     }
     let dims = Dims {
         b: qs[0],
-        hq: qs[1],
-        hkv: ks[1],
-        t: qs[2],
+        hq: qs[hi],
+        hkv: ks[hi],
+        t: qs[ti],
         d: qs[3],
     };
-    shape_is(op, "k", k, &[dims.b, dims.hkv, dims.t, dims.d])?;
+    let kshape = if tok {
+        [dims.b, dims.t, dims.hkv, dims.d]
+    } else {
+        [dims.b, dims.hkv, dims.t, dims.d]
+    };
+    shape_is(op, "k", k, &kshape)?;
     shape_is(op, "v", v, k.shape())?;
     shape_is(op, "lse", lse, &[dims.b, dims.hq, dims.t])?;
     if let Some(seg) = segments {
@@ -119,7 +133,7 @@ fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
         return Launch {
             name: FWD2[ki],
             cfg: LaunchConfig {
-                grid_dim: (dm.t.div_ceil(128) as u32, (dm.b * dm.hq) as u32, 1),
+                grid_dim: ((dm.b * dm.hq) as u32, dm.t.div_ceil(128) as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: smem as u32,
             },
@@ -140,7 +154,7 @@ fn bwd_launch(ki: usize, dm: &Dims) -> Launch {
         return Launch {
             name: BWD2[ki],
             cfg: LaunchConfig {
-                grid_dim: (dm.t.div_ceil(128) as u32, (dm.b * dm.hkv) as u32, 1),
+                grid_dim: ((dm.b * dm.hkv) as u32, dm.t.div_ceil(128) as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             },
@@ -233,11 +247,81 @@ pub fn flash_attn_fwd(
     out: &mut Tensor,
     lse: &mut Tensor,
 ) -> Result<()> {
-    const OP: &str = "flash_attn_fwd";
-    let dm = check(OP, ctx, q, k, v, segments, lse)?;
+    fwd_impl(
+        "flash_attn_fwd",
+        ctx,
+        q,
+        k,
+        v,
+        segments,
+        scale,
+        out,
+        lse,
+        false,
+    )
+}
+
+/// [`flash_attn_fwd`] on token-major `q [B, T, Hq, D]`, `k`/`v [B, T, Hkv, D]`
+/// and `out [B, T, Hq, D]` (the layout of a linear's output, so a decoder
+/// layer needs no transposes); `lse` stays `[B, Hq, T]`. The CUDA kernels
+/// for head dims 64 and 128 read and write this layout directly; elsewhere
+/// the call goes through head-major copies.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd_tokens(
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "flash_attn_fwd_tokens";
+    let dm = check(OP, ctx, q, k, v, segments, lse, true)?;
     on_ctx(ctx, OP, &[("out", out)])?;
     dtype_is(OP, "out", out, q.dtype())?;
     shape_is(OP, "out", out, q.shape())?;
+    if native_tokens(ctx, q.dtype(), dm.d) {
+        return fwd_impl(OP, ctx, q, k, v, segments, scale, out, lse, true);
+    }
+    let (qh, kh, vh) = (heads(ctx, q)?, heads(ctx, k)?, heads(ctx, v)?);
+    let mut oh = Tensor::empty(ctx, q.dtype(), qh.shape())?;
+    flash_attn_fwd(ctx, &qh, &kh, &vh, segments, scale, &mut oh, lse)?;
+    super::permute_0213(ctx, &oh, out)
+}
+
+/// Whether the token-major layout runs without copies: the CUDA kernels of
+/// head dims 64 and 128.
+fn native_tokens(ctx: &Ctx, dtype: DType, d: usize) -> bool {
+    ctx.cuda_ctx().is_some() && matches!(dtype, DType::BF16 | DType::F16) && tiled2(d)
+}
+
+/// `[B, T, H, D]` -> a head-major `[B, H, T, D]` copy.
+fn heads(ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+    let s = x.shape();
+    let mut y = Tensor::empty(ctx, x.dtype(), &[s[0], s[2], s[1], s[3]])?;
+    super::permute_0213(ctx, x, &mut y)?;
+    Ok(y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_impl(
+    op_name: &'static str,
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    tok: bool,
+) -> Result<()> {
+    let dm = check(op_name, ctx, q, k, v, segments, lse, tok)?;
+    on_ctx(ctx, op_name, &[("out", out)])?;
+    dtype_is(op_name, "out", out, q.dtype())?;
+    shape_is(op_name, "out", out, q.shape())?;
     if q.numel() == 0 {
         return Ok(());
     }
@@ -249,10 +333,29 @@ pub fn flash_attn_fwd(
             out.device_ptr()?,
             lse.device_ptr()?,
         );
-        let ki = cuda_kernel(OP, q.dtype(), &dm, &[qp, kp, vp, op])?;
+        let ki = cuda_kernel(op_name, q.dtype(), &dm, &[qp, kp, vp, op])?;
         let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
         let l = fwd_launch(ki, &dm);
         allow_smem(cu, &l)?;
+        if tiled2(dm.d) {
+            return launch!(
+                cu,
+                "flash_attn",
+                l.name,
+                l.cfg,
+                qp,
+                kp,
+                vp,
+                segp,
+                op,
+                lp,
+                dm.hq as i32,
+                dm.hkv as i32,
+                dm.t as i32,
+                scale,
+                tok as i32
+            );
+        }
         return launch!(
             cu,
             "flash_attn",
@@ -270,6 +373,7 @@ pub fn flash_attn_fwd(
             scale
         );
     }
+    debug_assert!(!tok, "the CPU reference is head-major");
     let (qv, kv, vv) = (read_f32(q)?, read_f32(k)?, read_f32(v)?);
     let seg = segments.map(|t| t.as_slice::<i32>()).transpose()?;
     let Dims { b, hq, hkv, t, d } = dm;
@@ -336,11 +440,94 @@ pub fn flash_attn_bwd(
     dk: &mut Tensor,
     dv: &mut Tensor,
 ) -> Result<()> {
-    const OP: &str = "flash_attn_bwd";
-    let dm = check(OP, ctx, q, k, v, segments, lse)?;
+    let g = BwdGrads { dq, dk, dv };
+    bwd_impl(
+        "flash_attn_bwd",
+        ctx,
+        q,
+        k,
+        v,
+        out,
+        d_out,
+        lse,
+        segments,
+        scale,
+        g,
+        false,
+    )
+}
+
+/// The gradient outputs of a backward call.
+struct BwdGrads<'a> {
+    dq: &'a mut Tensor,
+    dk: &'a mut Tensor,
+    dv: &'a mut Tensor,
+}
+
+/// [`flash_attn_bwd`] on the token-major layout of
+/// [`flash_attn_fwd_tokens`]: `q`, `out`, `d_out`, `dq [B, T, Hq, D]`,
+/// `k`, `v`, `dk`, `dv [B, T, Hkv, D]`, `lse [B, Hq, T]`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bwd_tokens(
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    lse: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    dv: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "flash_attn_bwd_tokens";
+    let dm = check(OP, ctx, q, k, v, segments, lse, true)?;
+    if native_tokens(ctx, q.dtype(), dm.d) {
+        let g = BwdGrads { dq, dk, dv };
+        return bwd_impl(OP, ctx, q, k, v, out, d_out, lse, segments, scale, g, true);
+    }
+    for (what, t, like) in [("out", out, q), ("d_out", d_out, q)] {
+        on_ctx(ctx, OP, &[(what, t)])?;
+        dtype_is(OP, what, t, q.dtype())?;
+        shape_is(OP, what, t, like.shape())?;
+    }
+    let (qh, kh, vh) = (heads(ctx, q)?, heads(ctx, k)?, heads(ctx, v)?);
+    let (oh, doh) = (heads(ctx, out)?, heads(ctx, d_out)?);
+    let mut dqh = Tensor::empty(ctx, q.dtype(), qh.shape())?;
+    let mut dkh = Tensor::empty(ctx, q.dtype(), kh.shape())?;
+    let mut dvh = Tensor::empty(ctx, q.dtype(), kh.shape())?;
+    flash_attn_bwd(
+        ctx, &qh, &kh, &vh, &oh, &doh, lse, segments, scale, &mut dqh, &mut dkh, &mut dvh,
+    )?;
+    for (what, src, dst) in [("dq", &dqh, dq), ("dk", &dkh, dk), ("dv", &dvh, dv)] {
+        on_ctx(ctx, OP, &[(what, &*dst)])?;
+        super::permute_0213(ctx, src, dst)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_impl(
+    op_name: &'static str,
+    ctx: &Ctx,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    d_out: &Tensor,
+    lse: &Tensor,
+    segments: Option<&Tensor>,
+    scale: f32,
+    grads: BwdGrads<'_>,
+    tok: bool,
+) -> Result<()> {
+    let BwdGrads { dq, dk, dv } = grads;
+    let dm = check(op_name, ctx, q, k, v, segments, lse, tok)?;
     on_ctx(
         ctx,
-        OP,
+        op_name,
         &[
             ("out", out),
             ("d_out", d_out),
@@ -356,8 +543,8 @@ pub fn flash_attn_bwd(
         ("dk", &*dk, k),
         ("dv", &*dv, k),
     ] {
-        dtype_is(OP, what, t, q.dtype())?;
-        shape_is(OP, what, t, like.shape())?;
+        dtype_is(op_name, what, t, q.dtype())?;
+        shape_is(op_name, what, t, like.shape())?;
     }
     if q.numel() == 0 {
         return Ok(());
@@ -373,7 +560,12 @@ pub fn flash_attn_bwd(
             lse.device_ptr()?,
         );
         let (dqp, dkp, dvp) = (dq.device_ptr()?, dk.device_ptr()?, dv.device_ptr()?);
-        let ki = cuda_kernel(OP, q.dtype(), &dm, &[qp, kp, vp, op, dop, dqp, dkp, dvp])?;
+        let ki = cuda_kernel(
+            op_name,
+            q.dtype(),
+            &dm,
+            &[qp, kp, vp, op, dop, dqp, dkp, dvp],
+        )?;
         let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
         let dsum = Tensor::empty(ctx, DType::F32, &[b, hq, t])?;
         let acc = Tensor::empty(ctx, DType::F32, &[b, hq, t, d])?;
@@ -395,34 +587,62 @@ pub fn flash_attn_bwd(
             dop,
             dsp,
             accp,
-            rows as i64
+            rows as i64,
+            t as i32,
+            hq as i32,
+            tok as i32
         )?;
         let l = bwd_launch(ki, &dm);
         allow_smem(cu, &l)?;
-        launch!(
-            cu,
-            "flash_attn",
-            l.name,
-            l.cfg,
-            qp,
-            kp,
-            vp,
-            dop,
-            lp,
-            dsp,
-            segp,
-            accp,
-            dkp,
-            dvp,
-            hq as i32,
-            hkv as i32,
-            t as i32,
-            scale
-        )?;
+        if tiled2(d) {
+            launch!(
+                cu,
+                "flash_attn",
+                l.name,
+                l.cfg,
+                qp,
+                kp,
+                vp,
+                dop,
+                lp,
+                dsp,
+                segp,
+                accp,
+                dkp,
+                dvp,
+                hq as i32,
+                hkv as i32,
+                t as i32,
+                scale,
+                tok as i32
+            )?;
+        } else {
+            launch!(
+                cu,
+                "flash_attn",
+                l.name,
+                l.cfg,
+                qp,
+                kp,
+                vp,
+                dop,
+                lp,
+                dsp,
+                segp,
+                accp,
+                dkp,
+                dvp,
+                hq as i32,
+                hkv as i32,
+                t as i32,
+                scale
+            )?;
+        }
         let n = rows * d;
         let c = crate::cuda::cfg(super::blocks_for(n, 1), super::THREADS, 0);
         return launch!(cu, "flash_attn", cast, c, accp, dqp, n as i64, scale);
     }
+    debug_assert!(!tok, "the CPU reference is head-major");
     let (qv, kv, vv) = (read_f32(q)?, read_f32(k)?, read_f32(v)?);
     let (ov, dov, lv) = (read_f32(out)?, read_f32(d_out)?, lse.as_slice::<f32>()?);
     let seg = segments.map(|t| t.as_slice::<i32>()).transpose()?;

@@ -17,7 +17,10 @@ mod softmax;
 mod swiglu;
 
 pub use adamw::{adamw_step, AdamWParams};
-pub use attention::{flash_attn_bwd, flash_attn_fwd, flash_attn_supported};
+pub use attention::{
+    flash_attn_bwd, flash_attn_bwd_tokens, flash_attn_fwd, flash_attn_fwd_tokens,
+    flash_attn_supported,
+};
 pub use basic::{cast, fill};
 pub use elementwise::{add, axpby, mul};
 pub use embedding::{embedding_bwd, embedding_fwd};
