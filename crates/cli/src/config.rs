@@ -28,9 +28,9 @@ pub struct ModelSettings {
     pub quant: String,
     /// Gradient checkpointing (recompute each layer in backward).
     pub checkpointing: bool,
-    /// Under checkpointing, keep each layer's fused-attention output so the
-    /// recompute skips the attention forward (B·T·q_heads·head_dim values
-    /// per layer).
+    /// Under checkpointing, keep each layer's fused-attention output
+    /// (B·T·q_heads·head_dim values per layer) and LoRA input products, so
+    /// the recompute skips the attention forward and the adapters' input GEMMs.
     pub checkpoint_keep_attention: bool,
     /// Under checkpointing, the last this-many layers keep all activations
     /// (faster, more memory).

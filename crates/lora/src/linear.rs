@@ -643,6 +643,40 @@ impl LoraLinear {
         Ok(ops::gemm(ctx, &xa, &b_c, &mut y2, lora_out)?)
     }
 
+    /// [`LoraLinear::forward_first`] from a record that `forward_first` or
+    /// [`LoraLinear::record`] already made for the same input and mode:
+    /// overwrites `y [N, out]` with `s·(x̃·Aᵀ)·Bᵀ` without computing `x̃·Aᵀ`
+    /// again (the recomputed forward under gradient checkpointing, given the
+    /// forward's records). LoRA only.
+    pub fn forward_first_from(&self, ctx: &Ctx, saved: &LoraSaved, y: &mut Tensor) -> Result<()> {
+        if self.use_dora {
+            return Err(Error::Config(
+                "a DoRA layer's output needs the base output x·Wᵀ first: run forward".into(),
+            ));
+        }
+        let xa = saved.xa.as_ref().ok_or_else(|| {
+            Error::Config("forward_first_from needs a record holding x̃·Aᵀ".into())
+        })?;
+        let o = self.shape.out_features;
+        let cd = Self::compute_dtype(xa)?;
+        let n = Self::rows_of("x̃·Aᵀ", xa, self.r, None, cd)?;
+        Self::rows_of("y", y, o, Some(n), cd)?;
+        let mut y2 = y.reshape(&[n, o])?;
+        let (_, b_c) = self.ab_in(ctx, cd)?;
+        let lora_out = Gemm {
+            trans_b: true,
+            alpha: self.scale,
+            ..Gemm::default()
+        };
+        Ok(ops::gemm(
+            ctx,
+            &xa.reshape(&[n, self.r])?,
+            &b_c,
+            &mut y2,
+            lora_out,
+        )?)
+    }
+
     /// `x̃ = dropout(x)` and `x̃·Aᵀ`, recorded in `saved` (with the dropout seed).
     fn input_product(
         &self,

@@ -33,9 +33,11 @@ pub(crate) struct LayerActs {
     lora: HashMap<String, LoraSaved>,
 }
 
-/// A layer's attention record kept from its forward under gradient
-/// checkpointing, so that [`Layer::recompute`] skips the attention.
-pub(crate) struct KeptAttention(AttnRecord);
+/// What a layer's forward leaves for its recompute under gradient
+/// checkpointing: the attention record, so that [`Layer::recompute`] skips
+/// the attention, and the LoRA records (`x̃·Aᵀ`, `N·r` values per adapted
+/// linear), so that it skips the adapters' input products.
+pub(crate) struct KeptAttention(Option<AttnRecord>, HashMap<String, LoraSaved>);
 
 impl LayerActs {
     /// Frees the SwiGLU output (`B·T·intermediate` values); the backward
@@ -45,13 +47,25 @@ impl LayerActs {
     }
 
     /// The fused attention's output and log-sum-exp (`B·T·H·D` values and
-    /// `B·H·T` f32 per layer), dropping everything else; `None` where the
-    /// materialized path ran (its `T × T` probabilities are not worth keeping).
-    pub(crate) fn take_attention(self) -> Option<KeptAttention> {
-        match self.scores {
-            AttnRecord::Fused { .. } => Some(KeptAttention(self.scores)),
+    /// `B·H·T` f32 per layer; not where the materialized path ran, whose
+    /// `T × T` probabilities are not worth keeping) and the LoRA records
+    /// (DoRA's hold a copy of the output: those are dropped), dropping
+    /// everything else.
+    pub(crate) fn take_attention(self, adapter: Option<&Adapter>, prefix: &str) -> KeptAttention {
+        let scores = match self.scores {
+            AttnRecord::Fused { .. } => Some(self.scores),
             AttnRecord::Probs(_) => None,
-        }
+        };
+        let lora = self
+            .lora
+            .into_iter()
+            .filter(|(name, _)| {
+                adapter
+                    .and_then(|a| a.layers.get(&format!("{prefix}{name}")))
+                    .is_some_and(|l| !l.use_dora())
+            })
+            .collect();
+        KeptAttention(scores, lora)
     }
 }
 
@@ -130,6 +144,9 @@ pub(crate) struct Layer<'a> {
     /// Dequantized base weights kept for this layer's lifetime (a recompute
     /// followed by its backward dequantizes each weight once), or `None`.
     pub dense: Option<RefCell<HashMap<String, Tensor>>>,
+    /// LoRA records of this layer's forward, given to its recompute: an
+    /// adapted linear found here reuses its `x̃·Aᵀ` instead of computing it.
+    pub kept_lora: RefCell<HashMap<String, LoraSaved>>,
 }
 
 impl Layer<'_> {
@@ -179,14 +196,27 @@ impl Layer<'_> {
         let module = format!("{}{name}", self.prefix);
         match self.adapter.and_then(|a| a.layers.get(&module)) {
             Some(lora) => {
-                let mut saved = LoraSaved::new();
-                if lora.use_dora() {
+                let kept = self.kept_lora.borrow_mut().remove(name);
+                let saved = if lora.use_dora() {
+                    let mut saved = LoraSaved::new();
                     ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?;
                     lora.forward(self.ctx, x, &w, &mut y, &mut saved, self.mode)?;
+                    saved
                 } else {
-                    lora.forward_first(self.ctx, x, &mut y, &mut saved, self.mode)?;
+                    let saved = match kept {
+                        Some(saved) => {
+                            lora.forward_first_from(self.ctx, &saved, &mut y)?;
+                            saved
+                        }
+                        None => {
+                            let mut saved = LoraSaved::new();
+                            lora.forward_first(self.ctx, x, &mut y, &mut saved, self.mode)?;
+                            saved
+                        }
+                    };
                     ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt().accumulate())?;
-                }
+                    saved
+                };
                 self.saved.borrow_mut().insert(name.to_string(), saved);
             }
             None => ops::gemm(self.ctx, x, &w, &mut y, Gemm::nt())?,
@@ -344,8 +374,15 @@ impl Layer<'_> {
             Some(y)
         } else {
             if let Some(l) = lora {
-                let mut saved = LoraSaved::new();
-                l.record(self.ctx, &act, &mut saved, self.mode)?;
+                let kept = self.kept_lora.borrow_mut().remove("mlp.down_proj");
+                let saved = match kept {
+                    Some(saved) => saved,
+                    None => {
+                        let mut saved = LoraSaved::new();
+                        l.record(self.ctx, &act, &mut saved, self.mode)?;
+                        saved
+                    }
+                };
                 self.saved
                     .borrow_mut()
                     .insert("mlp.down_proj".to_string(), saved);
@@ -417,7 +454,14 @@ impl Layer<'_> {
         };
 
         let scale = 1.0 / (d as f32).sqrt();
-        let (attn, scores) = if let Some(KeptAttention(rec)) = kept {
+        let kept_scores = match kept {
+            Some(KeptAttention(scores, lora)) => {
+                *self.kept_lora.borrow_mut() = lora;
+                scores
+            }
+            None => None,
+        };
+        let (attn, scores) = if let Some(rec) = kept_scores {
             let attn = match &rec {
                 AttnRecord::Fused { out, .. } => out.reshape(&[n, nh * d])?,
                 AttnRecord::Probs(probs) => {

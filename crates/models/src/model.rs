@@ -252,8 +252,9 @@ pub struct Model {
     pub checkpointing: bool,
     /// Under checkpointing, also keep each layer's fused-attention output
     /// and log-sum-exp (`B·T·q_heads·head_dim` values + `B·q_heads·T` f32
-    /// per layer), so the recompute does not run the attention forward
-    /// again. Default true.
+    /// per layer) and its LoRA input products `x̃·Aᵀ` (`B·T·r` values per
+    /// adapted linear), so the recompute runs neither the attention forward
+    /// nor the adapters' input GEMMs again. Default true.
     pub checkpoint_keep_attention: bool,
     /// Under checkpointing, the last this-many layers keep their activations
     /// instead (no recompute: faster, more memory; the SwiGLU output is
@@ -367,6 +368,7 @@ impl Model {
             mode,
             saved: Default::default(),
             dense: None,
+            kept_lora: Default::default(),
         }
     }
 
@@ -647,7 +649,9 @@ impl Model {
                     Kept::All(a)
                 }
                 (false, _) => Kept::All(a),
-                (true, true) => Kept::Attention(a.take_attention()),
+                (true, true) => Kept::Attention(Some(
+                    a.take_attention(self.adapter.as_ref(), &format!("model.layers.{i}.")),
+                )),
                 (true, false) => Kept::Attention(None),
             });
             inputs.push(x);
