@@ -12,6 +12,8 @@
 # E2E_RUNS overrides the runs: "model train_type seq micro_batch layers;...".
 # E2E_ONLY=llmft|hf runs one side only. QLoRA runs are also measured with
 # HF's tutorial recipe (peft.prepare_model_for_kbit_training) unless E2E_KBIT=0.
+# E2E_LLMFT_VARIANTS="--skip-layers 10|--skip-layers 12" adds llmft runs of
+# each configuration with those extra flags ('|'-separated).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -42,6 +44,15 @@ for r in "${list[@]}"; do
     tmp=$(mktemp)
     "$bin" bench "${common[@]}" --json "$tmp" >> "$log" 2>&1 || echo "llmft failed: rc=$?" | tee -a "$log"
     cat "$tmp" >> "$OUT/results.jsonl"; rm -f "$tmp"
+    IFS='|' read -ra variants <<< "${E2E_LLMFT_VARIANTS:-}"
+    for extra in "${variants[@]}"; do
+      [ -n "$extra" ] || continue
+      echo "== llmft $tag $extra" | tee -a "$log"
+      tmp=$(mktemp)
+      # shellcheck disable=SC2086
+      "$bin" bench "${common[@]}" $extra --json "$tmp" >> "$log" 2>&1 || echo "llmft failed: rc=$?" | tee -a "$log"
+      cat "$tmp" >> "$OUT/results.jsonl"; rm -f "$tmp"
+    done
   fi
   if [ "$only" != llmft ]; then
     echo "== hf $tag" | tee -a "$log"

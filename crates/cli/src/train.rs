@@ -126,6 +126,11 @@ fn oom_advice(s: &Settings) -> String {
     ];
     if !s.model.checkpointing {
         tips.push("set model.checkpointing = true".into());
+    } else if s.model.checkpoint_skip_layers > 0 {
+        tips.push(format!(
+            "model.checkpoint_skip_layers (now {})",
+            s.model.checkpoint_skip_layers
+        ));
     }
     if !s.train.train_type.uses_adapter() || s.train.train_type == TrainType::Lora {
         tips.push("use a 4-bit base (train.train_type = \"qlora\")".into());
