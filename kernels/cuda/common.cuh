@@ -122,3 +122,16 @@ __device__ __forceinline__ bool aligned16(const void* p) { return (((u64_t)p) & 
 
 // Instantiate a kernel body template for the three float types.
 #define FOR_FLOATS(M) M(f32, F32) M(bf16, BF16) M(f16, F16)
+
+// Multi-tensor ops: a launch covers T tensors cut into chunks of a fixed
+// number of elements; `cs` holds T+1 chunk offsets (prefix sums of
+// ceil(n_t / chunk)). The tensor owning chunk c is the last t with
+// cs[t] <= c (empty tensors own no chunk). Block-uniform.
+__device__ __forceinline__ int multi_owner(const u64_t* cs, int T, long long c) {
+    int lo = 0, hi = T - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if ((long long)cs[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}

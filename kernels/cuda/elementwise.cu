@@ -31,6 +31,34 @@ __device__ void fill_body(typename E::T* y, long long n, float value) {
 FOR_FLOATS(FILL)
 extern "C" __global__ void fill_i32(int* y, long long n, int v) { GRID_STRIDE(i, 0, n) y[i] = v; }
 
+// Multi-tensor fill: `tab` holds T pointers, T element counts and T+1 chunk
+// offsets (see multi_owner).
+template <typename E>
+__device__ void fill_multi_body(const u64_t* tab, int T, long long chunks, long long chunk,
+                                float value) {
+    const u64_t* cs = tab + 2 * (long long)T;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = value;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        int t = multi_owner(cs, T, c);
+        typename E::T* y = reinterpret_cast<typename E::T*>(tab[t]);
+        long long n = (long long)tab[T + t];
+        long long lo = (c - (long long)cs[t]) * chunk;
+        long long hi = lo + chunk < n ? lo + chunk : n;
+        long long vend = aligned16(y) ? lo + (hi - lo) / 8 * 8 : lo;
+        for (long long i = lo + 8 * (long long)threadIdx.x; i < vend; i += 8 * (long long)blockDim.x)
+            store8<E>(y, i, v);
+        for (long long i = vend + threadIdx.x; i < hi; i += blockDim.x) E::store(y, i, value);
+    }
+}
+#define FILL_MULTI(n_, E)                                                                     \
+    extern "C" __global__ void fill_multi_##n_(const u64_t* tab, int T, long long chunks,       \
+                                               long long chunk, float v) {                      \
+        fill_multi_body<E>(tab, T, chunks, chunk, v);                                           \
+    }
+FOR_FLOATS(FILL_MULTI)
+
 // op 0: y = alpha*a + beta*b (beta == 0 ignores b, even NaN); op 1: y = a*b. y may be b (in-place axpby).
 template <typename E>
 __device__ void binary_body(const typename E::T* a, const typename E::T* b, typename E::T* y,

@@ -20,3 +20,41 @@ __device__ void sumsq_body(const typename E::T* x, long long n, float* out) {
 #define SUMSQ(n_, E) \
     extern "C" __global__ void sumsq_##n_(const E::T* x, long long n, float* out) { sumsq_body<E>(x, n, out); }
 FOR_FLOATS(SUMSQ)
+
+// Multi-tensor out[0] += sum over T tensors of sum(x^2). `tab` holds T
+// pointers, T element counts and T+1 chunk offsets (see multi_owner); a
+// block loops over chunks, then adds its partial sum with one atomic.
+template <typename E>
+__device__ void sumsq_multi_body(const u64_t* tab, int T, long long chunks, long long chunk,
+                                 float* out) {
+    __shared__ float sh[32];
+    const u64_t* cs = tab + 2 * (long long)T;
+    float acc = 0.f;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        int t = multi_owner(cs, T, c);
+        const typename E::T* x = reinterpret_cast<const typename E::T*>(tab[t]);
+        long long n = (long long)tab[T + t];
+        long long lo = (c - (long long)cs[t]) * chunk;
+        long long hi = lo + chunk < n ? lo + chunk : n;
+        // chunk is a multiple of 8, so lo keeps x's 16-byte alignment.
+        long long vend = aligned16(x) ? lo + (hi - lo) / 8 * 8 : lo;
+        for (long long i = lo + 8 * (long long)threadIdx.x; i < vend; i += 8 * (long long)blockDim.x) {
+            float v[8];
+            load8<E>(x, i, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += v[k] * v[k];
+        }
+        for (long long i = vend + threadIdx.x; i < hi; i += blockDim.x) {
+            float v = E::load(x, i);
+            acc += v * v;
+        }
+    }
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+#define SUMSQ_MULTI(n_, E)                                                                    \
+    extern "C" __global__ void sumsq_multi_##n_(const u64_t* tab, int T, long long chunks,      \
+                                                long long chunk, float* out) {                  \
+        sumsq_multi_body<E>(tab, T, chunks, chunk, out);                                        \
+    }
+FOR_FLOATS(SUMSQ_MULTI)

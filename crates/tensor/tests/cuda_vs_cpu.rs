@@ -13,7 +13,9 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use common::*;
-use llmft_tensor::ops::{self, AdamWParams, CrossEntropyOpts, Gemm, LmHeadGrads, RopeScaling};
+use llmft_tensor::ops::{
+    self, AdamWParams, CrossEntropyOpts, Gemm, LmHeadGrads, RopeScaling, TableCache,
+};
 use llmft_tensor::{Ctx, DType, Device, Error, Tensor};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -70,12 +72,16 @@ impl Results {
 
     /// Compares exactly.
     fn exact(&self, op: &str, dt: DType, gpu: &Tensor, cpu: &Tensor) -> CaseResult {
-        let (g, c) = (f64s(gpu), f64s(cpu));
-        self.record(op, dt, rel_l2(&g, &c));
+        self.exact_vals(op, dt, &f64s(gpu), &f64s(cpu))
+    }
+
+    /// Compares values exactly.
+    fn exact_vals(&self, op: &str, dt: DType, g: &[f64], c: &[f64]) -> CaseResult {
+        self.record(op, dt, rel_l2(g, c));
         if g == c {
             Ok(())
         } else {
-            let i = g.iter().zip(&c).position(|(a, b)| a != b).unwrap_or(0);
+            let i = g.iter().zip(c).position(|(a, b)| a != b).unwrap_or(0);
             Err(TestCaseError::fail(format!(
                 "{op} {dt}: element {i} is {} on CUDA, {} on the CPU",
                 g.get(i).copied().unwrap_or(f64::NAN),
@@ -803,6 +809,202 @@ fn sum_squares_and_global_grad_norm() {
             let c = ops::global_grad_norm(&cpu, &[&x, &y]).unwrap() as f64;
             let g = ops::global_grad_norm(&gpu, &[&gx, &gy]).unwrap() as f64;
             res.vals("global_grad_norm", dt, &[g], &[c], 1e-5)
+        },
+    );
+}
+
+// ------------------------------------------- multi-tensor optimizer ops
+
+/// Tensor lengths of a multi-tensor case: empty ones, small ones and ones
+/// past a chunk (4096 elements).
+fn multi_lens() -> impl Strategy<Value = Vec<usize>> {
+    proptest::collection::vec(
+        prop_oneof![
+            3 => 0usize..=300,
+            1 => Just(0usize),
+            2 => select(vec![4095usize, 4096, 4097, 12_345, 65_537]),
+        ],
+        0..=9,
+    )
+}
+
+/// The elements of all `ts`, concatenated, as f64.
+fn cat(ts: &[Tensor]) -> Vec<f64> {
+    ts.iter().flat_map(f64s).collect()
+}
+
+#[test]
+fn sum_squares_multi_and_cached_grad_norm() {
+    let Some(gpu) = gpu() else { return };
+    let res = Results::default();
+    let kinds = proptest::collection::vec((float_dtype(), offset()), 9);
+    run(
+        24,
+        (multi_lens(), kinds, any::<bool>(), any::<u64>()),
+        |(lens, kinds, one_dtype, seed)| {
+            let mut rng = SeedRng::new(seed);
+            let cpu = Ctx::cpu();
+            let dt_of = |i: usize| if one_dtype { DType::F32 } else { kinds[i].0 };
+            let xs: Vec<Tensor> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| host(&rng.normals(n, 0.5 + i as f64), dt_of(i), &[n]))
+                .collect();
+            let gxs: Vec<Tensor> = xs
+                .iter()
+                .enumerate()
+                .map(|(i, x)| up(&gpu, x, kinds[i].1))
+                .collect();
+            let (cr, gr): (Vec<&Tensor>, Vec<&Tensor>) =
+                (xs.iter().collect(), gxs.iter().collect());
+            let acc0 = host(&[1.5], DType::F32, &[1]);
+            let (mut acc, mut gacc) = (acc0.to_ctx(&cpu).unwrap(), up(&gpu, &acc0, 0));
+            ops::sum_squares_multi(&cpu, &cr, &mut acc, None).unwrap();
+            ops::sum_squares_multi(&gpu, &gr, &mut gacc, None).unwrap();
+            res.vals(
+                "sum_squares_multi",
+                DType::F32,
+                &f64s(&gacc),
+                &f64s(&acc),
+                1e-5,
+            )?;
+            // The cached table is reused on the second call, with the same result.
+            let c = ops::global_grad_norm(&cpu, &cr).unwrap() as f64;
+            let mut cache = TableCache::new();
+            for _ in 0..2 {
+                let g = ops::global_grad_norm_cached(&gpu, &gr, Some(&mut cache)).unwrap() as f64;
+                res.vals("global_grad_norm_multi", DType::F32, &[g], &[c], 1e-5)?;
+            }
+            if one_dtype {
+                let want = u64::from(lens.iter().any(|&n| n > 0));
+                prop_assert_eq!(cache.uploads(), want);
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn adamw_step_multi_matches_cpu_and_single_tensor_kernel() {
+    let Some(gpu) = gpu() else { return };
+    let res = Results::default();
+    let strat = (
+        multi_lens(),
+        float_dtype(),
+        1u64..=3,
+        offset(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    run(24, strat, |(lens, gdt, steps, off, zero, seed)| {
+        let mut rng = SeedRng::new(seed);
+        let cpu = Ctx::cpu();
+        let t = lens.len();
+        let p0: Vec<Tensor> = lens
+            .iter()
+            .map(|&n| host(&rng.normals(n, 1.0), DType::F32, &[n]))
+            .collect();
+        let zs = |ctx: Option<&Ctx>| -> Vec<Tensor> {
+            lens.iter()
+                .map(|&n| match ctx {
+                    None => host_zeros(DType::F32, &[n]),
+                    Some(g) => gzeros(g, DType::F32, &[n], off),
+                })
+                .collect()
+        };
+        // CPU; CUDA multi-tensor; CUDA single-tensor.
+        let mut p: Vec<Tensor> = p0.iter().map(|x| x.to_ctx(&cpu).unwrap()).collect();
+        let (mut m, mut v) = (zs(None), zs(None));
+        let mut gp: Vec<Tensor> = p0.iter().map(|x| up(&gpu, x, off)).collect();
+        let (mut gm, mut gv) = (zs(Some(&gpu)), zs(Some(&gpu)));
+        let mut sp: Vec<Tensor> = p0.iter().map(|x| up(&gpu, x, off)).collect();
+        let (mut sm, mut sv) = (zs(Some(&gpu)), zs(Some(&gpu)));
+        // Gradient buffers kept across steps, so the cached table is reused.
+        let mut gg: Vec<Tensor> = lens.iter().map(|&n| gzeros(&gpu, gdt, &[n], off)).collect();
+        let mut cache = TableCache::new();
+        for step in 1..=steps {
+            let hp = AdamWParams {
+                lr: 0.01,
+                weight_decay: [0.0, 0.1][step as usize % 2],
+                step,
+                grad_scale: 0.5,
+                ..Default::default()
+            };
+            let g: Vec<Tensor> = lens
+                .iter()
+                .map(|&n| host(&rng.normals(n, 0.1), gdt, &[n]))
+                .collect();
+            for i in 0..t {
+                ops::adamw_step(&cpu, &mut p[i], &g[i], &mut m[i], &mut v[i], &hp, None).unwrap();
+                gg[i].copy_from(&gpu, &g[i]).unwrap();
+                ops::adamw_step(&gpu, &mut sp[i], &gg[i], &mut sm[i], &mut sv[i], &hp, None)
+                    .unwrap();
+            }
+            {
+                let mut pr: Vec<&mut Tensor> = gp.iter_mut().collect();
+                let mut gr: Vec<&mut Tensor> = gg.iter_mut().collect();
+                let mut mr: Vec<&mut Tensor> = gm.iter_mut().collect();
+                let mut vr: Vec<&mut Tensor> = gv.iter_mut().collect();
+                ops::adamw_step_multi(
+                    &gpu,
+                    &mut pr,
+                    &mut gr,
+                    &mut mr,
+                    &mut vr,
+                    &hp,
+                    zero,
+                    Some(&mut cache),
+                )
+                .unwrap();
+            }
+            let want: Vec<f64> = if zero {
+                vec![0.0; lens.iter().sum()]
+            } else {
+                cat(&g)
+            };
+            res.exact_vals("adamw_multi_grad_after", gdt, &cat(&gg), &want)?;
+        }
+        let tol = tol_for(DType::F32);
+        res.vals("adamw_multi_param", gdt, &cat(&gp), &cat(&p), tol)?;
+        res.vals("adamw_multi_m", gdt, &cat(&gm), &cat(&m), tol)?;
+        res.vals("adamw_multi_v", gdt, &cat(&gv), &cat(&v), tol)?;
+        // Same per-element code as the single-tensor kernel: same bits.
+        res.exact_vals("adamw_multi_vs_single_param", gdt, &cat(&gp), &cat(&sp))?;
+        res.exact_vals("adamw_multi_vs_single_m", gdt, &cat(&gm), &cat(&sm))?;
+        res.exact_vals("adamw_multi_vs_single_v", gdt, &cat(&gv), &cat(&sv))?;
+        let want = u64::from(lens.iter().any(|&n| n > 0));
+        prop_assert_eq!(cache.uploads(), want);
+        Ok(())
+    });
+}
+
+#[test]
+fn fill_multi_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let res = Results::default();
+    let dts = select(vec![DType::F32, DType::BF16, DType::F16, DType::I32]);
+    let kinds = proptest::collection::vec((dts, offset()), 9);
+    run(
+        24,
+        (multi_lens(), kinds, any::<u64>()),
+        |(lens, kinds, seed)| {
+            let mut rng = SeedRng::new(seed);
+            let mut ys: Vec<Tensor> = Vec::new();
+            let mut gys: Vec<Tensor> = Vec::new();
+            for (i, &n) in lens.iter().enumerate() {
+                let (dt, off) = kinds[i];
+                let y = match dt {
+                    DType::I32 => host_i32(&vec![3; n], &[n]),
+                    _ => host(&rng.normals(n, 1.0), dt, &[n]),
+                };
+                gys.push(up(&gpu, &y, off));
+                ys.push(y);
+            }
+            let mut cr: Vec<&mut Tensor> = ys.iter_mut().collect();
+            ops::fill_multi(&Ctx::cpu(), &mut cr, -2.0, None).unwrap();
+            let mut gr: Vec<&mut Tensor> = gys.iter_mut().collect();
+            ops::fill_multi(&gpu, &mut gr, -2.0, None).unwrap();
+            res.exact_vals("fill_multi", DType::F32, &cat(&gys), &cat(&ys))
         },
     );
 }

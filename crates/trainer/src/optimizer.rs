@@ -2,12 +2,12 @@
 //! or f32 copies of the model's own weights for full / freeze training),
 //! with global-norm clipping, the non-finite check of a step and f16
 //! dynamic loss scaling.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use llmft_lora::Adapter;
 use llmft_models::{Grads, Model};
-use llmft_tensor::ops::{self, AdamWParams};
+use llmft_tensor::ops::{self, AdamWParams, TableCache};
 use llmft_tensor::{Ctx, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
@@ -106,6 +106,27 @@ struct Verdict {
     grad_scale: f32,
 }
 
+/// Device tables of the multi-tensor launches of a step, kept between steps
+/// (uploaded again only when the tensors change).
+#[derive(Debug, Default)]
+struct Tables {
+    /// Gradients of the global norm.
+    norm: TableCache,
+    /// AdamW, decayed and undecayed group.
+    adamw: [TableCache; 2],
+    /// Gradients zeroed outside the update.
+    zero: TableCache,
+}
+
+/// One AdamW launch's tensors: parameters with one set of hyper-parameters.
+#[derive(Default)]
+struct Group<'a> {
+    names: Vec<String>,
+    params: Vec<&'a mut Tensor>,
+    /// Handles of the gradient buffers (views of the same storage).
+    grads: Vec<Tensor>,
+}
+
 /// AdamW (PyTorch's order: decay, moments, bias-corrected update) with
 /// clipping by the global gradient norm (`clip_grad_norm_`'s coefficient
 /// `max_norm / (norm + 1e-6)`, at most 1).
@@ -122,6 +143,7 @@ pub struct Optimizer {
     state: BTreeMap<String, Moments>,
     /// f32 masters of the model's own trainable weights, by HF name.
     masters: BTreeMap<String, Master>,
+    tables: Tables,
 }
 
 impl Optimizer {
@@ -137,6 +159,7 @@ impl Optimizer {
             step: 0,
             state: BTreeMap::new(),
             masters: BTreeMap::new(),
+            tables: Tables::default(),
         }
     }
 
@@ -185,13 +208,13 @@ impl Optimizer {
     /// the gradients are of the scaled loss: the norm is reported unscaled
     /// and the factor undoes the scale.
     fn verdict(
-        &self,
+        &mut self,
         ctx: &Ctx,
         grads: &[&Tensor],
         loss: f64,
         loss_scale: Option<f32>,
     ) -> Result<Verdict> {
-        let raw = ops::global_grad_norm(ctx, grads)?;
+        let raw = ops::global_grad_norm_cached(ctx, grads, Some(&mut self.tables.norm))?;
         let (grad_norm, unscale) = match loss_scale {
             None => (raw, None),
             Some(s) => {
@@ -268,21 +291,37 @@ impl Optimizer {
                 .collect();
             self.verdict(ctx, &all, loss, loss_scale)?
         };
+        let mut updated = BTreeSet::new();
         if verdict.finite {
             self.step += 1;
+            // [decayed (A, B), undecayed (DoRA magnitudes: norm-like scales)]
+            let mut groups: [Group; 2] = Default::default();
             for (module, layer) in adapter.layers.iter_mut() {
                 let g = grads.lora(module).ok_or_else(|| {
                     Error::Config(format!("no gradients tracked for adapter module {module}"))
                 })?;
                 for (i, (p, g)) in layer.params_mut().into_iter().zip(g.tensors()).enumerate() {
-                    // DoRA magnitudes are norm-like scales: no decay.
-                    let hp = self.hparams(lr, verdict.grad_scale, i < 2);
                     let name = format!("{module}.{}", LORA_PARTS[i]);
-                    adamw(ctx, &mut self.state, &name, p, g, &hp)?;
+                    ensure_state(ctx, &mut self.state, &name, p)?;
+                    let grp = &mut groups[usize::from(i >= 2)];
+                    grp.names.push(name);
+                    grp.params.push(p);
+                    grp.grads.push(g.clone());
+                    updated.insert((module.as_str(), i));
                 }
             }
+            for (k, grp) in groups.into_iter().enumerate() {
+                let hp = self.hparams(lr, verdict.grad_scale, k == 0);
+                update(ctx, &mut self.state, grp, &hp, &mut self.tables.adamw[k])?;
+            }
         }
-        zero_grads(ctx, grads)?;
+        zero_grads(
+            ctx,
+            grads,
+            &updated,
+            &BTreeSet::new(),
+            &mut self.tables.zero,
+        )?;
         self.policy(&verdict, loss, step)
     }
 
@@ -312,21 +351,48 @@ impl Optimizer {
         };
         if verdict.finite {
             self.step += 1;
-            let hps: Vec<AdamWParams> = self
-                .masters
-                .keys()
-                .map(|n| self.hparams(lr, verdict.grad_scale, decays(n)))
-                .collect();
-            for ((name, m), hp) in self.masters.iter_mut().zip(&hps) {
+            let hps = [
+                self.hparams(lr, verdict.grad_scale, true),
+                self.hparams(lr, verdict.grad_scale, false),
+            ];
+            // [decayed, undecayed (norm weights and biases)]
+            let mut groups: [Group; 2] = Default::default();
+            for (name, m) in self.masters.iter_mut() {
                 let g = grads.get(name).expect("checked above");
-                adamw(ctx, &mut self.state, name, &mut m.value, g, hp)?;
+                ensure_state(ctx, &mut self.state, name, &m.value)?;
+                let grp = &mut groups[usize::from(!decays(name))];
+                grp.names.push(name.clone());
+                grp.params.push(&mut m.value);
+                grp.grads.push(g.clone());
+            }
+            for (k, grp) in groups.into_iter().enumerate() {
+                update(
+                    ctx,
+                    &mut self.state,
+                    grp,
+                    &hps[k],
+                    &mut self.tables.adamw[k],
+                )?;
+            }
+            for (name, m) in &self.masters {
                 if !m.in_place {
                     let mut dst = model.unit(m.unit)?.get(name)?;
                     ops::cast(ctx, &m.value, &mut dst)?;
                 }
             }
         }
-        zero_grads(ctx, grads)?;
+        // The update zeroed the gradients of every master.
+        let updated: BTreeSet<&str> = match verdict.finite {
+            true => self.masters.keys().map(String::as_str).collect(),
+            false => BTreeSet::new(),
+        };
+        zero_grads(
+            ctx,
+            grads,
+            &BTreeSet::new(),
+            &updated,
+            &mut self.tables.zero,
+        )?;
         self.policy(&verdict, loss, step)
     }
 
@@ -458,21 +524,20 @@ impl Optimizer {
     }
 }
 
-/// Applies one AdamW update to `param` (moments created zeroed on first use).
-fn adamw(
+/// Creates zeroed moments for parameter `name` on first use; checks their
+/// shape against `param`'s.
+fn ensure_state(
     ctx: &Ctx,
     state: &mut BTreeMap<String, Moments>,
     name: &str,
-    param: &mut Tensor,
-    grad: &Tensor,
-    hp: &AdamWParams,
+    param: &Tensor,
 ) -> Result<()> {
     if !state.contains_key(name) {
         let m = Tensor::zeros(ctx, DType::F32, param.shape())?;
         let v = Tensor::zeros(ctx, DType::F32, param.shape())?;
         state.insert(name.to_string(), Moments { m, v });
     }
-    let s = state.get_mut(name).expect("inserted above");
+    let s = &state[name];
     if s.m.shape() != param.shape() {
         return Err(Error::Config(format!(
             "optimizer state of {name} has shape {:?}, but the parameter has {:?}",
@@ -480,24 +545,74 @@ fn adamw(
             param.shape()
         )));
     }
-    ops::adamw_step(ctx, param, grad, &mut s.m, &mut s.v, hp, None)?;
     Ok(())
 }
 
-/// Zeroes every gradient buffer (adapter and model weights).
-fn zero_grads(ctx: &Ctx, grads: &mut Grads) -> Result<()> {
-    let lora: Vec<String> = grads.lora_all().keys().cloned().collect();
-    for n in lora {
-        if let Some(g) = grads.lora_mut(&n) {
-            g.zero(ctx)?;
+/// One AdamW update of a group (moments made by [`ensure_state`]), in one
+/// multi-tensor launch that also zeroes the group's gradients.
+fn update(
+    ctx: &Ctx,
+    state: &mut BTreeMap<String, Moments>,
+    mut grp: Group,
+    hp: &AdamWParams,
+    table: &mut TableCache,
+) -> Result<()> {
+    if grp.names.is_empty() {
+        return Ok(());
+    }
+    let mut by_name: HashMap<&str, &mut Moments> =
+        state.iter_mut().map(|(k, s)| (k.as_str(), s)).collect();
+    let (mut ms, mut vs) = (Vec::new(), Vec::new());
+    for name in &grp.names {
+        let s = by_name.remove(name.as_str()).ok_or_else(|| {
+            Error::Config(format!("parameter {name} is listed twice in one update"))
+        })?;
+        ms.push(&mut s.m);
+        vs.push(&mut s.v);
+    }
+    let mut grads: Vec<&mut Tensor> = grp.grads.iter_mut().collect();
+    ops::adamw_step_multi(
+        ctx,
+        &mut grp.params,
+        &mut grads,
+        &mut ms,
+        &mut vs,
+        hp,
+        true,
+        Some(table),
+    )?;
+    Ok(())
+}
+
+/// Zeroes every gradient buffer (adapter modules and model weights) except
+/// those the update already zeroed (`lora_done`: (module, index in
+/// `LoraGrads::tensors`); `dense_done`: weight names), in one multi-tensor
+/// fill.
+fn zero_grads(
+    ctx: &Ctx,
+    grads: &Grads,
+    lora_done: &BTreeSet<(&str, usize)>,
+    dense_done: &BTreeSet<&str>,
+    table: &mut TableCache,
+) -> Result<()> {
+    let mut rest: Vec<Tensor> = Vec::new();
+    for (n, g) in grads.lora_all() {
+        for (i, t) in g.tensors().into_iter().enumerate() {
+            if !lora_done.contains(&(n.as_str(), i)) {
+                rest.push(t.clone());
+            }
         }
     }
-    let dense: Vec<String> = grads.names().cloned().collect();
-    for n in dense {
-        if let Some(g) = grads.get_mut(&n) {
-            ops::fill(ctx, g, 0.0)?;
+    for n in grads.names() {
+        if !dense_done.contains(n.as_str()) {
+            rest.extend(grads.get(n).cloned());
         }
     }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let mut refs: Vec<&mut Tensor> = rest.iter_mut().collect();
+    ops::fill_multi(ctx, &mut refs, 0.0, Some(table))?;
     Ok(())
 }
 

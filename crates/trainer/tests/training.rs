@@ -333,3 +333,42 @@ fn dora_trains_and_round_trips_through_a_checkpoint() {
     assert_eq!(adapter_values(&fresh), m3);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn adapter_gradients_are_zeroed_after_applied_and_skipped_steps() {
+    let ctx = Ctx::cpu();
+    let mut model = lora_model(&ctx, 0.0);
+    let cfg = TrainConfig {
+        nan_policy: NanPolicy::Skip,
+        ..config(3)
+    };
+    let mut trainer = Trainer::new(cfg, &model).unwrap();
+    let all_zero = |t: &Trainer| {
+        t.grads()
+            .lora_all()
+            .values()
+            .flat_map(|g| g.tensors())
+            .all(|g| g.to_f32_vec().unwrap().iter().all(|&x| x == 0.0))
+    };
+    // Applied: the update zeroes the gradients it read.
+    let acc = trainer
+        .accumulate(&model, &mut [batch(&ctx, &[0])])
+        .unwrap();
+    assert!(!all_zero(&trainer));
+    let s = trainer.apply(&mut model, acc).unwrap();
+    assert!(!s.skipped);
+    assert!(all_zero(&trainer));
+    // Skipped (a NaN gradient): zeroed all the same.
+    let acc = trainer
+        .accumulate(&model, &mut [batch(&ctx, &[0])])
+        .unwrap();
+    let name = trainer.grads().lora_all().keys().next().unwrap().clone();
+    let g = trainer.grads_mut().lora_mut(&name).unwrap();
+    let mut v = g.a.to_f32_vec().unwrap();
+    v[0] = f32::NAN;
+    g.a = llmft_tensor::Tensor::from_slice(&ctx, &v, g.a.shape()).unwrap();
+    let s = trainer.apply(&mut model, acc).unwrap();
+    assert!(s.skipped);
+    assert!(all_zero(&trainer));
+    assert_eq!(trainer.optimizer().steps_applied(), 1);
+}

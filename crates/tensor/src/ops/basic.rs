@@ -1,4 +1,5 @@
 //! cast and fill.
+use super::multi::{self, TableCache};
 use super::{blocks_for, dtype_in, on_ctx, read_f32, shape_is, write_f32, FLOATS, THREADS};
 use crate::cuda::{cfg, launch};
 use crate::{Ctx, DType, Error, Result, Tensor};
@@ -75,4 +76,73 @@ pub fn fill(ctx: &Ctx, y: &mut Tensor, value: f32) -> Result<()> {
         n,
         value
     )
+}
+
+/// Sets every element of every tensor of `ys` to `value`, as [`fill`] on
+/// each in order (bit-identical). On CUDA, the float tensors go in one
+/// launch per dtype present (i32 ones are filled one by one). `cache` keeps
+/// the device table of pointers between calls (see [`TableCache`]).
+pub fn fill_multi(
+    ctx: &Ctx,
+    ys: &mut [&mut Tensor],
+    value: f32,
+    mut cache: Option<&mut TableCache>,
+) -> Result<()> {
+    const OP: &str = "fill_multi";
+    for y in ys.iter() {
+        on_ctx(ctx, OP, &[("y", y)])?;
+        dtype_in(
+            OP,
+            "y",
+            y,
+            &[DType::F32, DType::BF16, DType::F16, DType::I32],
+        )?;
+        if y.dtype() == DType::I32 && value.fract() != 0.0 {
+            return Err(Error::Invalid {
+                op: OP,
+                msg: format!("{value} is not an integer"),
+            });
+        }
+    }
+    let Some(cu) = ctx.cuda_ctx() else {
+        for y in ys.iter_mut() {
+            fill(ctx, y, value)?;
+        }
+        return Ok(());
+    };
+    for y in ys.iter_mut().filter(|y| y.dtype() == DType::I32) {
+        fill(ctx, y, value)?;
+    }
+    for dt in FLOATS {
+        let group: Vec<&Tensor> = ys
+            .iter()
+            .map(|y| &**y)
+            .filter(|y| y.dtype() == *dt && y.numel() > 0)
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let ptrs = group
+            .iter()
+            .map(|y| y.device_ptr())
+            .collect::<Result<Vec<u64>>>()?;
+        let lens: Vec<usize> = group.iter().map(|y| y.numel()).collect();
+        let (host, chunks) = multi::build(&[ptrs], &lens);
+        // Held until the launch is queued.
+        let table = multi::upload(ctx, host, cache.as_deref_mut())?;
+        let tab = table.device_ptr()?;
+        let c = cfg(multi::grid(chunks, cu.sm_count() * 32), THREADS, 0);
+        launch!(
+            cu,
+            "elementwise",
+            super::kname!("fill_multi", *dt),
+            c,
+            tab,
+            group.len() as i32,
+            chunks as i64,
+            multi::CHUNK as i64,
+            value
+        )?;
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@ mod elementwise;
 mod embedding;
 mod gemm;
 mod loss;
+mod multi;
 mod norm;
 mod permute;
 mod reduce;
@@ -16,19 +17,20 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use adamw::{adamw_step, AdamWParams};
+pub use adamw::{adamw_step, adamw_step_multi, AdamWParams};
 pub use attention::{
     flash_attn_bwd, flash_attn_bwd_tokens, flash_attn_fwd, flash_attn_fwd_tokens,
     flash_attn_supported,
 };
-pub use basic::{cast, fill};
+pub use basic::{cast, fill, fill_multi};
 pub use elementwise::{add, axpby, mul};
 pub use embedding::{embedding_bwd, embedding_fwd};
 pub use gemm::{gemm, Gemm};
 pub use loss::{lm_head_cross_entropy, CrossEntropyOpts, LmHeadGrads, LossStats};
+pub use multi::TableCache;
 pub use norm::{rmsnorm_bwd, rmsnorm_fwd};
 pub use permute::permute_0213;
-pub use reduce::{global_grad_norm, sum_squares};
+pub use reduce::{global_grad_norm, global_grad_norm_cached, sum_squares, sum_squares_multi};
 pub use rng::{dropout, fill_normal, fill_uniform, uniform01};
 pub use rope::{rope_bwd, rope_fwd, rope_inv_freq, RopeScaling};
 pub use softmax::{softmax_causal_bwd, softmax_causal_fwd};
