@@ -279,7 +279,43 @@ fn bench_device(c: &mut Criterion, ctx: &Ctx, tag: &str) {
                 })
             })
         });
-        drop((q, kk, vv, d_o, o, lse, dq, dk, dv));
+        // Packed rows of 512-token examples: FLOPs of the visible pairs only.
+        let run = 512.min(at);
+        let seg: Vec<i32> = (0..ab * at).map(|i| ((i % at) / run) as i32).collect();
+        let seg = Tensor::from_slice(ctx, &seg, &[ab, at]).unwrap();
+        let packed_flops = (2 * ab * hq * at * run * hd) as u64;
+        g.throughput(Throughput::Elements(packed_flops));
+        g.bench_function("flash_attn_fwd_bf16_d128_packed512", |b| {
+            b.iter_custom(|it| {
+                timed(ctx, it, || {
+                    ops::flash_attn_fwd(ctx, &q, &kk, &vv, Some(&seg), sc, &mut o, &mut lse)
+                        .unwrap()
+                })
+            })
+        });
+        g.throughput(Throughput::Elements(packed_flops * 5 / 2));
+        g.bench_function("flash_attn_bwd_bf16_d128_packed512", |b| {
+            b.iter_custom(|it| {
+                timed(ctx, it, || {
+                    ops::flash_attn_bwd(
+                        ctx,
+                        &q,
+                        &kk,
+                        &vv,
+                        &o,
+                        &d_o,
+                        &lse,
+                        Some(&seg),
+                        sc,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        drop((q, kk, vv, d_o, o, lse, dq, dk, dv, seg));
     }
 
     let k = s.gemm;

@@ -525,6 +525,45 @@ __device__ __forceinline__ void fa_async_tile(unsigned short* s, const unsigned 
     }
 }
 
+// Packed rows: where a row's segment ids never decrease over [lo, hi] (what
+// packing produces: one contiguous run per example), the first key a query
+// at `lo` can see is the start of lo's run, and the last query that can see
+// a key at `hi` is the end of hi's run. The block scans the ids once; with
+// any other ids it returns the unrestricted bound (lo's run start = 0, hi's
+// run end = T - 1), so the result is exact for every input.
+__device__ int fa_run_start(const int* sg, int lo, int hi) {
+    __shared__ int first;
+    if (threadIdx.x == 0) first = lo;
+    __syncthreads();
+    const int id = sg[lo];
+    bool mono = true;
+    for (int j = threadIdx.x; j <= hi; j += blockDim.x) {
+        int x = sg[j];
+        if (j > 0 && x < sg[j - 1]) mono = false;
+        if (x == id && j < lo) atomicMin(&first, j);
+    }
+    mono = __syncthreads_and(mono);
+    int r = mono ? first : 0;
+    __syncthreads();
+    return r;
+}
+__device__ int fa_run_end(const int* sg, int lo, int hi, int T) {
+    __shared__ int last;
+    if (threadIdx.x == 0) last = hi;
+    __syncthreads();
+    const int id = sg[hi];
+    bool mono = true;
+    for (int j = lo + threadIdx.x; j < T; j += blockDim.x) {
+        int x = sg[j];
+        if (j > lo && x < sg[j - 1]) mono = false;
+        if (x == id && j > hi) atomicMax(&last, j);
+    }
+    mono = __syncthreads_and(mono);
+    int r = mono ? last : T - 1;
+    __syncthreads();
+    return r;
+}
+
 // Forward: grid (B * Hq, ceil(T / 128) query tiles), 128 threads, BN-key
 // tiles (64 for D = 64; 32 for D = 128, which keeps the scores of two MMA
 // tiles next to the 128-wide output in registers), dynamic shared memory
@@ -556,13 +595,19 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
     const int g = lane >> 2, tq = lane & 3;
     const int q0 = mt * F2_M;
     const int wr0 = q0 + warp * 32;  // this warp's first query row
-    const int nkt = (min(q0 + F2_M, T) - 1) / BN + 1;
+    const int q_last = min(q0 + F2_M, T) - 1;
+    const int nkt = q_last / BN + 1;
     const int* sg = seg ? seg + (long long)b * T : 0;
+    // Key tiles before the first row's example cannot be seen (packed rows).
+    const int kt0 = sg ? fa_run_start(sg, q0, q_last) / BN : 0;
 
     fa_async_tile<F2_M, D, F2_THREADS>(sQ, qb, q0, T, ldq);
-    fa_async_tile<BN, D, F2_THREADS>(sK, kb, 0, T, ldk);
+    fa_async_tile<BN, D, F2_THREADS>(sK, kb, kt0 * BN, T, ldk);
     fa_cp_commit();
-    if (sg && threadIdx.x < BN) sSeg[threadIdx.x] = threadIdx.x < T ? sg[threadIdx.x] : -2;
+    if (sg && threadIdx.x < BN) {
+        int j = kt0 * BN + threadIdx.x;
+        sSeg[threadIdx.x] = j < T ? sg[j] : -2;
+    }
 
     // Fragment rows: [i][hh] = wr0 + 16·i + g + 8·hh.
     int sgr[2][2];
@@ -588,7 +633,7 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
         for (int d = 0; d < D / 8; ++d) acc[i][d][0] = acc[i][d][1] = acc[i][d][2] = acc[i][d][3] = 0.f;
     }
 
-    for (int kt = 0; kt < nkt; ++kt) {
+    for (int kt = kt0; kt < nkt; ++kt) {
         const int k0 = kt * BN;
         fa_cp_wait_all();
         __syncthreads();  // K(kt) and its segments visible; every warp is done with V(kt - 1)
@@ -770,7 +815,9 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     const float sl2 = scale * FA_LOG2E;
     // Query tiles before qs cannot see any key of this block.
     const int qs = (k0 / B2_M) * B2_M;
-    const int nq = (T - qs + B2_M - 1) / B2_M;
+    // Query tiles past the last key's example cannot see this block (packed rows).
+    const int q_end = sg ? fa_run_end(sg, k0, min(k0 + B2_N, T) - 1, T) + 1 : T;
+    const int nq = (q_end - qs + B2_M - 1) / B2_M;
     const int n_it = rep * nq;
 
     // Tile `it` (query head it / nq, rows qs + 64·(it % nq)) into buffer `buf`.

@@ -234,7 +234,7 @@ pub fn sample_token(logits: &[f32], opts: &GenerateOpts, step: u64) -> i32 {
 /// What the forward keeps of a layer for the backward.
 enum Kept {
     /// Every activation (no checkpointing, or a layer it skips).
-    All(LayerActs),
+    All(Box<LayerActs>),
     /// Under checkpointing: the attention record, if kept; the rest is
     /// recomputed from the layer input.
     Attention(Option<KeptAttention>),
@@ -646,9 +646,9 @@ impl Model {
                 (false, _) if self.checkpointing => {
                     let mut a = a;
                     a.drop_act();
-                    Kept::All(a)
+                    Kept::All(Box::new(a))
                 }
-                (false, _) => Kept::All(a),
+                (false, _) => Kept::All(Box::new(a)),
                 (true, true) => Kept::Attention(Some(
                     a.take_attention(self.adapter.as_ref(), &format!("model.layers.{i}.")),
                 )),
@@ -700,7 +700,7 @@ impl Model {
             let layer = self.layer_for_backward(&w, i, Self::mode(batch));
             let xin = inputs.pop().expect("one input per layer");
             let a = match acts.pop().expect("one record per layer") {
-                Kept::All(a) => a,
+                Kept::All(a) => *a,
                 Kept::Attention(kept) => layer.recompute(&xin, batch, kept)?,
             };
             dx = layer.backward(&xin, &a, &dx, batch, &mut grads)?;

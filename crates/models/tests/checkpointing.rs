@@ -46,7 +46,10 @@ fn model(ctx: &Ctx, dtype: DType) -> Model {
     model
 }
 
-fn grads(model: &Model, batch: &ModelBatch) -> (f64, Vec<(String, Vec<f32>, Vec<f32>)>) {
+/// Each adapted linear's name, dA and dB.
+type AdapterGrads = Vec<(String, Vec<f32>, Vec<f32>)>;
+
+fn grads(model: &Model, batch: &ModelBatch) -> (f64, AdapterGrads) {
     let mut g = Grads::for_adapter(model).unwrap();
     let stats = model.forward_backward(batch, None, Some(&mut g)).unwrap();
     let all = g

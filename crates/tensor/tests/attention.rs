@@ -487,6 +487,45 @@ fn cuda_matches_cpu() {
     println!("RESULT op=flash_attn worst rel_l2={worst:.3e}");
 }
 
+/// Packed rows with long examples (whole key and query tiles outside a
+/// block's examples, which the kernels skip) and rows whose ids are not one
+/// run per example (no skipping: the result must stay exact).
+#[test]
+fn cuda_matches_cpu_for_packed_and_unsorted_segments() {
+    let Some(g) = gpu() else { return };
+    let cpu = Ctx::cpu();
+    let t = 1100;
+    let runs: Vec<i32> = (0..t as i32).map(|i| i / 300 + (i / 700)).collect();
+    let unsorted: Vec<i32> = (0..t as i32).map(|i| ((i / 150) * 7) % 4).collect();
+    for (name, ids) in [("long runs", runs), ("unsorted ids", unsorted)] {
+        for d in [64, 128] {
+            let mut c = Case::new(7, DType::BF16, 1, 4, 2, t, d, true);
+            c.seg = Some(ids.clone());
+            let want = fused(&cpu, &c, DType::BF16);
+            let (got, tok) = (
+                fused(&g, &c, DType::BF16),
+                fused_tokens(&g, &c, DType::BF16),
+            );
+            for (what, a, bb, w) in [
+                ("out", &got.out, &tok.out, &want.out),
+                ("lse", &got.lse, &tok.lse, &want.lse),
+                ("dq", &got.dq, &tok.dq, &want.dq),
+                ("dk", &got.dk, &tok.dk, &want.dk),
+                ("dv", &got.dv, &tok.dv, &want.dv),
+            ] {
+                for (layout, x) in [("head-major", a), ("token-major", bb)] {
+                    let e = rel_l2(&f64s(x), &f64s(w));
+                    println!("RESULT op=flash_attn {name} {what} {layout} d={d} rel_l2={e:.3e}");
+                    assert!(
+                        e <= tol_for(DType::BF16),
+                        "{name} d={d} {what} {layout}: {e:.3e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn cuda_rejects_unsupported_head_dim() {
     let Some(g) = gpu() else { return };
