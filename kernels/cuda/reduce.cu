@@ -21,12 +21,14 @@ __device__ void sumsq_body(const typename E::T* x, long long n, float* out) {
     extern "C" __global__ void sumsq_##n_(const E::T* x, long long n, float* out) { sumsq_body<E>(x, n, out); }
 FOR_FLOATS(SUMSQ)
 
-// Multi-tensor out[0] += sum over T tensors of sum(x^2). `tab` holds T
-// pointers, T element counts and T+1 chunk offsets (see multi_owner); a
-// block loops over chunks, then adds its partial sum with one atomic.
+// Multi-tensor sum over T tensors of sum(x^2). `tab` holds T pointers, T
+// element counts and T+1 chunk offsets (see multi_owner); a block loops over
+// a fixed set of chunks and writes its partial sum to part[blockIdx.x], which
+// sum_partials_f32 adds up in a fixed order: the result does not depend on
+// block scheduling (training on a GPU stays reproducible run to run).
 template <typename E>
 __device__ void sumsq_multi_body(const u64_t* tab, int T, long long chunks, long long chunk,
-                                 float* out) {
+                                 float* part) {
     __shared__ float sh[32];
     const u64_t* cs = tab + 2 * (long long)T;
     float acc = 0.f;
@@ -50,11 +52,20 @@ __device__ void sumsq_multi_body(const u64_t* tab, int T, long long chunks, long
         }
     }
     acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) atomicAdd(out, acc);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
 }
 #define SUMSQ_MULTI(n_, E)                                                                    \
     extern "C" __global__ void sumsq_multi_##n_(const u64_t* tab, int T, long long chunks,      \
-                                                long long chunk, float* out) {                  \
-        sumsq_multi_body<E>(tab, T, chunks, chunk, out);                                        \
+                                                long long chunk, float* part) {                 \
+        sumsq_multi_body<E>(tab, T, chunks, chunk, part);                                       \
     }
 FOR_FLOATS(SUMSQ_MULTI)
+
+// out[0] += part[0] + ... + part[n - 1] in a fixed order (one block).
+extern "C" __global__ void sum_partials_f32(const float* part, int n, float* out) {
+    __shared__ float sh[32];
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += part[i];
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) out[0] += acc;
+}

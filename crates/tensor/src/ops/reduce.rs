@@ -78,16 +78,28 @@ pub fn sum_squares_multi(
         // Held until the launch is queued.
         let table = multi::upload(ctx, host, cache.as_deref_mut())?;
         let tab = table.device_ptr()?;
-        let c = cfg(multi::grid(chunks, cu.sm_count() * 8), THREADS, 0);
+        let blocks = multi::grid(chunks, cu.sm_count() * 8);
+        // Per-block partial sums, added in a fixed order: reproducible.
+        let part = Tensor::empty(ctx, DType::F32, &[blocks])?;
+        let pp = part.device_ptr()?;
         launch!(
             cu,
             "reduce",
             kname!("sumsq_multi", *dt),
-            c,
+            cfg(blocks, THREADS, 0),
             tab,
             group.len() as i32,
             chunks as i64,
             multi::CHUNK as i64,
+            pp
+        )?;
+        launch!(
+            cu,
+            "reduce",
+            "sum_partials_f32",
+            cfg(1, THREADS, 0),
+            pp,
+            blocks as i32,
             op
         )?;
     }
