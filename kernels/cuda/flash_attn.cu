@@ -1012,10 +1012,9 @@ FA2_KERNELS(f16, FaF16, 64)
 FA2_KERNELS(f16, FaF16, 128)
 
 #define FA_KERNELS(n_, E, D, BQ)                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                      \
-        flash_attn_fwd_##n_##_d##D(const unsigned short* q, const unsigned short* k,              \
-                                   const unsigned short* v, const int* seg, unsigned short* o,    \
-                                   float* lse, int Hq, int Hkv, int T, float scale) {             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_fwd_##n_##_d##D(          \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const int* seg, \
+        unsigned short* o, float* lse, int Hq, int Hkv, int T, float scale, int /* tok = 0 */) {  \
         fa_fwd_body<E, D>(q, k, v, seg, o, lse, Hq, Hkv, T, scale);                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
@@ -1027,11 +1026,12 @@ FA2_KERNELS(f16, FaF16, 128)
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
         const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
         float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
-        float scale) {                                                                            \
+        float scale, int /* tok = 0 */) {                                                         \
         fa_bwd_body<E, D, BQ>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);   \
     }
-// Head dims 16 and 32 run the first kernels; 64 and 128 the FA2 kernels
-// above, which share the pre-pass.
+// Head dims 16 and 32 run the first kernels (head-major only: their `tok`
+// argument is always 0); 64 and 128 the FA2 kernels above, which share the
+// pre-pass.
 #define FA_PRE(n_, E, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_pre_##n_##_d##D(      \
         const unsigned short* o, const unsigned short* d_o, float* dsum, float* dq_acc,           \

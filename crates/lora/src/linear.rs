@@ -629,18 +629,12 @@ impl LoraLinear {
         let cd = Self::compute_dtype(x)?;
         let n = Self::rows_of("x", x, i, None, cd)?;
         Self::rows_of("y", y, o, Some(n), cd)?;
-        let mut y2 = y.reshape(&[n, o])?;
-        let (a_c, b_c) = self.ab_in(ctx, cd)?;
-        let (_, xa) = self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
+        let (a_c, _) = self.ab_in(ctx, cd)?;
+        self.input_product(ctx, &x.reshape(&[n, i])?, &a_c, saved, mode)?;
         saved.pre = None;
         saved.k_minus_1 = None;
         saved.inv_norm = None;
-        let lora_out = Gemm {
-            trans_b: true,
-            alpha: self.scale,
-            ..Gemm::default()
-        };
-        Ok(ops::gemm(ctx, &xa, &b_c, &mut y2, lora_out)?)
+        self.forward_first_from(ctx, saved, y)
     }
 
     /// [`LoraLinear::forward_first`] from a record that `forward_first` or

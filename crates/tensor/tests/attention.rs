@@ -175,71 +175,50 @@ struct Fused {
 }
 
 fn fused(ctx: &Ctx, c: &Case, dt: DType) -> Fused {
-    let (qs, ks) = (c.qshape(), c.kshape());
-    let q = tensor(ctx, &c.q, dt, &qs);
-    let k = tensor(ctx, &c.k, dt, &ks);
-    let v = tensor(ctx, &c.v, dt, &ks);
-    let d_out = tensor(ctx, &c.d_out, dt, &qs);
-    let seg = c
-        .seg
-        .as_ref()
-        .map(|s| Tensor::from_slice(ctx, s, &[c.b, c.t]).unwrap());
-    let mut out = Tensor::zeros(ctx, dt, &qs).unwrap();
-    let mut lse = Tensor::zeros(ctx, DType::F32, &[c.b, c.hq, c.t]).unwrap();
-    ops::flash_attn_fwd(ctx, &q, &k, &v, seg.as_ref(), c.scale(), &mut out, &mut lse).unwrap();
-    let mut dq = Tensor::zeros(ctx, dt, &qs).unwrap();
-    let mut dk = Tensor::zeros(ctx, dt, &ks).unwrap();
-    let mut dv = Tensor::zeros(ctx, dt, &ks).unwrap();
-    ops::flash_attn_bwd(
-        ctx,
-        &q,
-        &k,
-        &v,
-        &out,
-        &d_out,
-        &lse,
-        seg.as_ref(),
-        c.scale(),
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )
-    .unwrap();
-    Fused {
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-    }
+    run_fused(ctx, c, dt, false)
 }
 
 /// [`fused`] through the token-major API (`[B, T, H, D]` tensors, made and
 /// read back with exact transposes on `ctx`), in head-major layout.
 fn fused_tokens(ctx: &Ctx, c: &Case, dt: DType) -> Fused {
-    let tok = |x: &Tensor| {
+    run_fused(ctx, c, dt, true)
+}
+
+fn run_fused(ctx: &Ctx, c: &Case, dt: DType, tokens: bool) -> Fused {
+    // [B, H, T, D] <-> [B, T, H, D] (its own inverse).
+    let swap = |x: &Tensor| {
+        if !tokens {
+            return x.clone();
+        }
         let s = x.shape().to_vec();
         let mut y = Tensor::zeros(ctx, x.dtype(), &[s[0], s[2], s[1], s[3]]).unwrap();
         ops::permute_0213(ctx, x, &mut y).unwrap();
         y
     };
     let (qs, ks) = (c.qshape(), c.kshape());
-    let q = tok(&tensor(ctx, &c.q, dt, &qs));
-    let k = tok(&tensor(ctx, &c.k, dt, &ks));
-    let v = tok(&tensor(ctx, &c.v, dt, &ks));
-    let d_out = tok(&tensor(ctx, &c.d_out, dt, &qs));
+    let q = swap(&tensor(ctx, &c.q, dt, &qs));
+    let k = swap(&tensor(ctx, &c.k, dt, &ks));
+    let v = swap(&tensor(ctx, &c.v, dt, &ks));
+    let d_out = swap(&tensor(ctx, &c.d_out, dt, &qs));
     let seg = c
         .seg
         .as_ref()
         .map(|s| Tensor::from_slice(ctx, s, &[c.b, c.t]).unwrap());
+    let (fwd, bwd) = if tokens {
+        (
+            ops::flash_attn_fwd_tokens as FwdFn,
+            ops::flash_attn_bwd_tokens as BwdFn,
+        )
+    } else {
+        (ops::flash_attn_fwd as FwdFn, ops::flash_attn_bwd as BwdFn)
+    };
     let mut out = Tensor::zeros(ctx, dt, q.shape()).unwrap();
     let mut lse = Tensor::zeros(ctx, DType::F32, &[c.b, c.hq, c.t]).unwrap();
-    ops::flash_attn_fwd_tokens(ctx, &q, &k, &v, seg.as_ref(), c.scale(), &mut out, &mut lse)
-        .unwrap();
+    fwd(ctx, &q, &k, &v, seg.as_ref(), c.scale(), &mut out, &mut lse).unwrap();
     let mut dq = Tensor::zeros(ctx, dt, q.shape()).unwrap();
     let mut dk = Tensor::zeros(ctx, dt, k.shape()).unwrap();
     let mut dv = Tensor::zeros(ctx, dt, k.shape()).unwrap();
-    ops::flash_attn_bwd_tokens(
+    bwd(
         ctx,
         &q,
         &k,
@@ -255,13 +234,38 @@ fn fused_tokens(ctx: &Ctx, c: &Case, dt: DType) -> Fused {
     )
     .unwrap();
     Fused {
-        out: tok(&out),
+        out: swap(&out),
         lse,
-        dq: tok(&dq),
-        dk: tok(&dk),
-        dv: tok(&dv),
+        dq: swap(&dq),
+        dk: swap(&dk),
+        dv: swap(&dv),
     }
 }
+
+type FwdFn = fn(
+    &Ctx,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    f32,
+    &mut Tensor,
+    &mut Tensor,
+) -> llmft_tensor::Result<()>;
+type BwdFn = fn(
+    &Ctx,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    f32,
+    &mut Tensor,
+    &mut Tensor,
+    &mut Tensor,
+) -> llmft_tensor::Result<()>;
 
 #[test]
 fn token_major_layout_matches_head_major() {

@@ -337,25 +337,7 @@ fn fwd_impl(
         let segp = segments.map(|t| t.device_ptr()).transpose()?.unwrap_or(0);
         let l = fwd_launch(ki, &dm);
         allow_smem(cu, &l)?;
-        if tiled2(dm.d) {
-            return launch!(
-                cu,
-                "flash_attn",
-                l.name,
-                l.cfg,
-                qp,
-                kp,
-                vp,
-                segp,
-                op,
-                lp,
-                dm.hq as i32,
-                dm.hkv as i32,
-                dm.t as i32,
-                scale,
-                tok as i32
-            );
-        }
+        debug_assert!(!tok || tiled2(dm.d), "the first kernels are head-major");
         return launch!(
             cu,
             "flash_attn",
@@ -370,7 +352,8 @@ fn fwd_impl(
             dm.hq as i32,
             dm.hkv as i32,
             dm.t as i32,
-            scale
+            scale,
+            tok as i32
         );
     }
     debug_assert!(!tok, "the CPU reference is head-major");
@@ -594,50 +577,27 @@ fn bwd_impl(
         )?;
         let l = bwd_launch(ki, &dm);
         allow_smem(cu, &l)?;
-        if tiled2(d) {
-            launch!(
-                cu,
-                "flash_attn",
-                l.name,
-                l.cfg,
-                qp,
-                kp,
-                vp,
-                dop,
-                lp,
-                dsp,
-                segp,
-                accp,
-                dkp,
-                dvp,
-                hq as i32,
-                hkv as i32,
-                t as i32,
-                scale,
-                tok as i32
-            )?;
-        } else {
-            launch!(
-                cu,
-                "flash_attn",
-                l.name,
-                l.cfg,
-                qp,
-                kp,
-                vp,
-                dop,
-                lp,
-                dsp,
-                segp,
-                accp,
-                dkp,
-                dvp,
-                hq as i32,
-                hkv as i32,
-                t as i32,
-                scale
-            )?;
-        }
+        launch!(
+            cu,
+            "flash_attn",
+            l.name,
+            l.cfg,
+            qp,
+            kp,
+            vp,
+            dop,
+            lp,
+            dsp,
+            segp,
+            accp,
+            dkp,
+            dvp,
+            hq as i32,
+            hkv as i32,
+            t as i32,
+            scale,
+            tok as i32
+        )?;
         let n = rows * d;
         let c = crate::cuda::cfg(super::blocks_for(n, 1), super::THREADS, 0);
         return launch!(cu, "flash_attn", cast, c, accp, dqp, n as i64, scale);

@@ -191,31 +191,21 @@ fn rows_ce(
             .copied()
             .find(|&k| v <= CE_CLUSTER * CE_THREADS * 4 * k);
         let clustered = cu.arch() >= (9, 0) && aligned && rows <= (i32::MAX as usize) / CE_CLUSTER;
-        if let (true, Some(k)) = (clustered, k) {
-            let name = match k {
-                1 => kname!("cross_entropy_cl1", dt),
-                2 => kname!("cross_entropy_cl2", dt),
-                4 => kname!("cross_entropy_cl4", dt),
-                8 => kname!("cross_entropy_cl8", dt),
-                _ => kname!("cross_entropy_cl16", dt),
-            };
-            let c = cfg(rows * CE_CLUSTER, CE_THREADS, 0);
-            return launch!(
-                cu,
-                "cross_entropy",
-                name,
-                c,
-                lp,
-                lab,
-                lo,
-                dp,
-                v as i32,
-                ignore,
-                inv_norm
-            );
-        }
-        let c = cfg(rows, CE_THREADS, 0);
-        let name = kname!("cross_entropy", dt);
+        let (name, blocks) = match (clustered, k) {
+            (true, Some(k)) => (
+                match k {
+                    1 => kname!("cross_entropy_cl1", dt),
+                    2 => kname!("cross_entropy_cl2", dt),
+                    4 => kname!("cross_entropy_cl4", dt),
+                    8 => kname!("cross_entropy_cl8", dt),
+                    _ => kname!("cross_entropy_cl16", dt),
+                },
+                rows * CE_CLUSTER,
+            ),
+            // One block per row, two passes over it.
+            _ => (kname!("cross_entropy", dt), rows),
+        };
+        let c = cfg(blocks, CE_THREADS, 0);
         return launch!(
             cu,
             "cross_entropy",
