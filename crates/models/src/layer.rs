@@ -413,9 +413,9 @@ impl Layer<'_> {
     /// base down_proj GEMM, about a quarter of the layer's linear FLOPs, and
     /// the residual add are not run).
     ///
-    /// `kept`: the attention record of this layer's forward
-    /// ([`LayerActs::take_attention`]); given, the attention forward is not
-    /// run again.
+    /// `kept`: the records of this layer's forward
+    /// ([`LayerActs::take_attention`]); given, the attention forward (where
+    /// its record was kept) and the adapters' input GEMMs are not run again.
     pub fn recompute(
         &self,
         x: &Tensor,
@@ -436,6 +436,14 @@ impl Layer<'_> {
         let (b, t) = (batch.batch, batch.seq);
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let n = b * t;
+        // The forward's records: adapters found there skip their input GEMM.
+        let kept_scores = match kept {
+            Some(KeptAttention(scores, lora)) => {
+                *self.kept_lora.borrow_mut() = lora;
+                scores
+            }
+            None => None,
+        };
         let p = self.qkv(x, &batch.positions)?;
         // The fused kernel reads the projections' token-major layout as is.
         let fused = self.fused_attention();
@@ -454,13 +462,6 @@ impl Layer<'_> {
         };
 
         let scale = 1.0 / (d as f32).sqrt();
-        let kept_scores = match kept {
-            Some(KeptAttention(scores, lora)) => {
-                *self.kept_lora.borrow_mut() = lora;
-                scores
-            }
-            None => None,
-        };
         let (attn, scores) = if let Some(rec) = kept_scores {
             let attn = match &rec {
                 AttnRecord::Fused { out, .. } => out.reshape(&[n, nh * d])?,

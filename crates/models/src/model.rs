@@ -697,13 +697,18 @@ impl Model {
         // Layers in reverse.
         for i in (0..l).rev() {
             let w = self.store.fetch(i + 1)?;
-            let layer = self.layer_for_backward(&w, i, Self::mode(batch));
             let xin = inputs.pop().expect("one input per layer");
-            let a = match acts.pop().expect("one record per layer") {
-                Kept::All(a) => *a,
-                Kept::Attention(kept) => layer.recompute(&xin, batch, kept)?,
+            dx = match acts.pop().expect("one record per layer") {
+                Kept::All(a) => {
+                    let layer = self.layer(&w, i, Self::mode(batch));
+                    layer.backward(&xin, &a, &dx, batch, &mut grads)?
+                }
+                Kept::Attention(kept) => {
+                    let layer = self.layer_for_backward(&w, i, Self::mode(batch));
+                    let a = layer.recompute(&xin, batch, kept)?;
+                    layer.backward(&xin, &a, &dx, batch, &mut grads)?
+                }
             };
-            dx = layer.backward(&xin, &a, &dx, batch, &mut grads)?;
         }
         if let Some(g) = grads {
             if let Some(e) = g.get_mut("embed_output") {
