@@ -28,7 +28,8 @@ const TMP_PREFIX: &str = "tmp-checkpoint-";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerState {
-    /// [`FORMAT`].
+    /// The checkpoint format tag (`"llmft-checkpoint-v1"`); a checkpoint with another is
+    /// refused.
     pub format: String,
     /// Completed steps (the schedule's position).
     pub step: u64,

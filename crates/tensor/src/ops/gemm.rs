@@ -3,7 +3,7 @@ use super::{dtype_in, on_ctx, read_f32, write_f32, FLOATS};
 use crate::cuda::LtProblem;
 use crate::{Ctx, DType, Error, Result, Tensor};
 
-/// Options of [`gemm`].
+/// Options of [`gemm()`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gemm {
     /// Use Aᵀ: `a` is stored `[.., k, m]`.
