@@ -104,6 +104,8 @@ macro_rules! names {
         ]
     };
 }
+// The first kernels exist for head dims 16 and 32, the FA2 ones for 64 and
+// 128 (see `tiled2`); the pre-pass for all four.
 const FWD: [&str; 8] = names!("flash_attn_fwd");
 const BWD_PRE: [&str; 8] = names!("flash_attn_bwd_pre");
 const BWD: [&str; 8] = names!("flash_attn_bwd");
@@ -123,7 +125,7 @@ fn tiled2(d: usize) -> bool {
 }
 
 /// Forward: 128 query rows per block of 128 threads (64 with the first
-/// kernels); the second kernels keep the Q tile, K and V tiles and their
+/// kernels); the FA2 kernels keep the Q tile, K and V tiles and their
 /// segment ids in dynamic shared memory.
 fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
     if tiled2(dm.d) {
