@@ -781,7 +781,8 @@ template <typename E, int D>
 __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
                              const unsigned short* v, const unsigned short* d_o, const float* lse,
                              const float* dsum, const int* seg, float* dq_acc, unsigned short* dk,
-                             unsigned short* dv, int Hq, int Hkv, int T, float scale, int tok) {
+                             unsigned short* dv, int Hq, int Hkv, int T, float scale, int tok,
+                             int* dq_lock) {
     const int SD = D + 8, SS = B2_M + 8;
     extern __shared__ __align__(16) unsigned short fa_sm[];
     unsigned short* sK = fa_sm;
@@ -816,7 +817,9 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     // Query tiles before qs cannot see any key of this block.
     const int qs = (k0 / B2_M) * B2_M;
     // Query tiles past the last key's example cannot see this block (packed rows).
-    const int q_end = sg ? fa_run_end(sg, k0, min(k0 + B2_N, T) - 1, T) + 1 : T;
+    // (Not with dq_lock: there every key block passes every query tile after
+    // its own, so that each tile's counter counts the blocks before it.)
+    const int q_end = sg && !dq_lock ? fa_run_end(sg, k0, min(k0 + B2_N, T) - 1, T) + 1 : T;
     const int nq = (q_end - qs + B2_M - 1) / B2_M;
     const int n_it = rep * nq;
 
@@ -967,11 +970,31 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
         }
         const int qa = q0 + mtile * 16 + g, qb2 = qa + 8;
         float* dqb = dq_acc + (long long)b * T * Hq * D + (bhq - (long long)b * Hq) * hq_off;
+        // Deterministic mode: the key blocks add into a query tile one after
+        // another in key-tile order, each waiting for the tile's counter to
+        // reach its own index (blocks start in that order, so the ones waited
+        // for are running or done).
+        int* lk = dq_lock ? dq_lock + bhq * ((T + B2_M - 1) / B2_M) + q0 / B2_M : 0;
+        if (lk) {
+            if (threadIdx.x == 0) {
+                int seen;
+                do {
+                    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(lk) : "memory");
+                    if (seen != kt) __nanosleep(32);
+                } while (seen != kt);
+            }
+            __syncthreads();
+        }
 #pragma unroll
         for (int n = 0; n < NTW; ++n) {
             int c = (part * NTW + n) * 8 + tq * 2;
             if (qa < T) fa_red2(dqb + (long long)qa * ldq + c, dqa[n][0], dqa[n][1]);
             if (qb2 < T) fa_red2(dqb + (long long)qb2 * ldq + c, dqa[n][2], dqa[n][3]);
+        }
+        if (lk) {
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(lk, 1);
         }
     }
     unsigned short* dkb = dk + kv_off;
@@ -1003,8 +1026,9 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
         const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
         float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
-        float scale, int tok) {                                                                   \
-        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale, tok); \
+        float scale, int tok, int* dq_lock) {                                                     \
+        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale, tok,  \
+                           dq_lock);                                                              \
     }
 FA2_KERNELS(bf16, FaBF16, 64)
 FA2_KERNELS(bf16, FaBF16, 128)
@@ -1026,7 +1050,7 @@ FA2_KERNELS(f16, FaF16, 128)
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
         const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
         float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
-        float scale, int /* tok = 0 */) {                                                         \
+        float scale, int /* tok = 0 */, int* /* dq_lock = null */) {                              \
         fa_bwd_body<E, D, BQ>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale);   \
     }
 // Head dims 16 and 32 run the first kernels (head-major only: their `tok`

@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Under checkpointing, the last N layers are not checkpointed.
     #[arg(long, default_value_t = 0)]
     skip_layers: usize,
+    /// Bit-reproducible attention backward (train.deterministic).
+    #[arg(long)]
+    deterministic: bool,
     /// Optimizer steps run, warm-up included.
     #[arg(long, default_value_t = 12)]
     steps: usize,
@@ -129,6 +132,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     model.checkpointing = a.checkpointing;
     model.checkpoint_keep_attention = a.keep_attention;
     model.checkpoint_skip_layers = a.skip_layers;
+    llmft_tensor::ops::set_deterministic_attention(a.deterministic);
     let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
             "r": a.lora_r,
@@ -234,6 +238,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "checkpointing": a.checkpointing,
         "checkpoint_keep_attention": a.keep_attention,
         "checkpoint_skip_layers": a.skip_layers,
+        "deterministic": a.deterministic,
         "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha,
         "dtype": a.dtype,

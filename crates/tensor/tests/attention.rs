@@ -530,6 +530,33 @@ fn cuda_matches_cpu_for_packed_and_unsorted_segments() {
     }
 }
 
+/// With `set_deterministic_attention`, the backward's dq (added by many key
+/// blocks) is the same bit for bit from call to call, and still right.
+#[test]
+fn cuda_deterministic_backward_repeats_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let cpu = Ctx::cpu();
+    ops::set_deterministic_attention(true);
+    for (d, seg) in [(128, false), (64, true)] {
+        let c = Case::new(21, DType::BF16, 2, 8, 2, 1100, d, seg);
+        let want = fused(&cpu, &c, DType::BF16);
+        let runs: Vec<Fused> = (0..3).map(|_| fused_tokens(&g, &c, DType::BF16)).collect();
+        for r in &runs[1..] {
+            for (what, a, b) in [("dq", &r.dq, &runs[0].dq), ("dk", &r.dk, &runs[0].dk)] {
+                let (x, y) = (f64s(a), f64s(b));
+                assert!(
+                    x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "d={d}: {what} differs between deterministic runs"
+                );
+            }
+        }
+        let e = rel_l2(&f64s(&runs[0].dq), &f64s(&want.dq));
+        println!("RESULT op=flash_attn deterministic dq d={d} rel_l2={e:.3e}");
+        assert!(e <= tol_for(DType::BF16), "d={d}: deterministic dq {e:.3e}");
+    }
+    ops::set_deterministic_attention(false);
+}
+
 #[test]
 fn cuda_rejects_unsupported_head_dim() {
     let Some(g) = gpu() else { return };

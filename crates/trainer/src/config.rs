@@ -110,6 +110,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// What a non-finite loss or gradient norm does. Default "skip".
     pub nan_policy: NanPolicy,
+    /// Bit-reproducible GPU runs: the fused attention's backward adds its
+    /// dq terms in a fixed order instead of with float atomics (see
+    /// `llmft_tensor::ops::set_deterministic_attention`; a slower backward).
+    /// Default false.
+    pub deterministic: bool,
     /// Save a checkpoint every N steps (and at the end); 0 = only at the end. Default 500.
     pub checkpoint_every: u64,
     /// Checkpoints kept (the oldest are deleted); 0 keeps all. Default 2.
@@ -146,6 +151,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             seed: 42,
             nan_policy: NanPolicy::Skip,
+            deterministic: false,
             checkpoint_every: 500,
             keep_last: 2,
             output_dir: PathBuf::from("output"),

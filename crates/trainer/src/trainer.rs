@@ -128,6 +128,7 @@ impl Trainer {
     /// with dynamic loss scaling (`init_loss_scale`, `loss_scale_window`).
     pub fn new(config: TrainConfig, model: &Model) -> Result<Self> {
         config.validate()?;
+        llmft_tensor::ops::set_deterministic_attention(config.deterministic);
         let mut optimizer = Optimizer::new(&config);
         let grads = if config.train_type.uses_adapter() {
             if model.adapter().is_none() {

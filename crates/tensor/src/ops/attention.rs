@@ -1,10 +1,30 @@
 //! Fused causal attention: `o = softmax(scale · q·kᵀ) · v` over the visible
 //! keys without materializing the `T × T` scores (FlashAttention-2 on CUDA).
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use cudarc::driver::LaunchConfig;
 
 use super::{dtype_in, dtype_is, on_ctx, read_f32, shape_is, write_f32, FLOATS};
 use crate::cuda::launch;
 use crate::{Ctx, DType, Error, Result, Tensor};
+
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Makes the CUDA backward of the fused attention for head dims 64 and 128
+/// bit-reproducible from run to run (process-wide; off by default). Its key
+/// blocks otherwise add their dq contributions with float atomics in the
+/// order the GPU schedules them, as FlashAttention-2 does; with this on they
+/// add into each query tile one after another in key-tile order (a counter
+/// per tile), which costs some backward speed. The CPU path and the kernels
+/// for head dims 16 and 32 (head-major only) are not affected by it.
+pub fn set_deterministic_attention(on: bool) {
+    DETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_deterministic_attention`] is on.
+pub fn deterministic_attention() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
+}
 
 /// Head dims the CUDA kernels are instantiated for.
 const CUDA_HEAD_DIMS: &[usize] = &[16, 32, 64, 128];
@@ -555,6 +575,15 @@ fn bwd_impl(
         let dsum = Tensor::empty(ctx, DType::F32, &[b, hq, t])?;
         let acc = Tensor::empty(ctx, DType::F32, &[b, hq, t, d])?;
         let (dsp, accp) = (dsum.device_ptr()?, acc.device_ptr()?);
+        // Deterministic mode: one counter per (query head, 64-query tile).
+        let locks = (tiled2(d) && deterministic_attention())
+            .then(|| Tensor::zeros(ctx, DType::I32, &[b * hq * t.div_ceil(64)]))
+            .transpose()?;
+        let lkp = locks
+            .as_ref()
+            .map(|l| l.device_ptr())
+            .transpose()?
+            .unwrap_or(0);
         let cast = if q.dtype() == DType::BF16 {
             "flash_attn_bwd_dq_bf16"
         } else {
@@ -598,7 +627,8 @@ fn bwd_impl(
             hkv as i32,
             t as i32,
             scale,
-            tok as i32
+            tok as i32,
+            lkp
         )?;
         let n = rows * d;
         let c = crate::cuda::cfg(super::blocks_for(n, 1), super::THREADS, 0);
