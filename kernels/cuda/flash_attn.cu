@@ -36,43 +36,27 @@ __device__ __forceinline__ void fa_ldsm_t(u32_t* r, u32_t addr) {
 }
 
 // Per element type: the m16n8k16 MMA and packing two f32 into one register
-// (lower column in the low half).
-struct FaBF16 {
-    static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ u32_t pack(float lo, float hi) {
-        u32_t r;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    static __device__ __forceinline__ float load(const unsigned short* p, long long i) {
-        return bf16_to_f32(p[i]);
-    }
-    static __device__ __forceinline__ unsigned short store(float v) { return f32_to_bf16(v); }
-};
-struct FaF16 {
-    static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ u32_t pack(float lo, float hi) {
-        u32_t r;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-        return r;
-    }
-    static __device__ __forceinline__ float load(const unsigned short* p, long long i) {
-        return f16_to_f32(p[i]);
-    }
-    static __device__ __forceinline__ unsigned short store(float v) { return f32_to_f16(v); }
-};
+// (lower column in the low half). `ty` is the PTX type name.
+#define FA_ELEM(Name, ty, to_f32, from_f32)                                                       \
+    struct Name {                                                                                 \
+        static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) { \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty ".f32 {%0,%1,%2,%3}, " \
+                         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                 \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));         \
+        }                                                                                         \
+        static __device__ __forceinline__ u32_t pack(float lo, float hi) {                        \
+            u32_t r;                                                                              \
+            asm("cvt.rn." ty "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                  \
+            return r;                                                                             \
+        }                                                                                         \
+        static __device__ __forceinline__ float load(const unsigned short* p, long long i) {      \
+            return to_f32(p[i]);                                                                  \
+        }                                                                                         \
+        static __device__ __forceinline__ unsigned short store(float v) { return from_f32(v); }   \
+    };
+FA_ELEM(FaBF16, "bf16", bf16_to_f32, f32_to_bf16)
+FA_ELEM(FaF16, "f16", f16_to_f32, f32_to_f16)
 
 // Rows [r0, r0 + R) of a [T, D] matrix into shared memory with row stride
 // D + 8 (16-byte rows, no ldmatrix bank conflicts); rows past T are zeros.
