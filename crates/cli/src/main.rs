@@ -287,7 +287,9 @@ fn quantize(out: &std::path::Path, s: &config::Settings) -> Result<(), String> {
     let cpu = Ctx::cpu();
     let mut tensors = Vec::new();
     for u in 0..model.config.num_units() {
-        let unit = model.unit(u).map_err(|e| e.to_string())?;
+        let unit = model
+            .unit(llmft_models::Unit::from_index(u, model.config.num_units()))
+            .map_err(|e| e.to_string())?;
         for (name, shape) in model.config.unit_tensors(u) {
             match unit.quantized(&name) {
                 Some(q) => tensors.extend(

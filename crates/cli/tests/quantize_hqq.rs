@@ -109,7 +109,10 @@ fn quantize_writes_an_hqq_checkpoint_that_loads_as_is() {
         ];
         let mut quantized = 0;
         for u in 0..loaded.config.num_units() {
-            let (a, b) = (direct.unit(u).unwrap(), loaded.unit(u).unwrap());
+            let (a, b) = {
+                let u = llmft_models::Unit::from_index(u, loaded.config.num_units());
+                (direct.unit(u).unwrap(), loaded.unit(u).unwrap())
+            };
             for (w, shape) in loaded.config.unit_tensors(u) {
                 let Some(qb) = b.quantized(&w) else { continue };
                 let qa = a.quantized(&w).expect("quantized in both");

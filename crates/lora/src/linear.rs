@@ -84,6 +84,25 @@ pub struct LoraSaved {
 }
 
 impl LoraSaved {
+    /// Replaces every tensor of the record with `f(tensor)` (moving it to
+    /// host memory and back, for activation offload).
+    pub fn map_tensors<E>(
+        &mut self,
+        f: &mut dyn FnMut(Tensor) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<(), E> {
+        for t in [
+            &mut self.xa,
+            &mut self.k_minus_1,
+            &mut self.inv_norm,
+            &mut self.pre,
+        ] {
+            if let Some(v) = t.take() {
+                *t = Some(f(v)?);
+            }
+        }
+        Ok(())
+    }
+
     /// An empty record, filled by the first forward.
     pub fn new() -> Self {
         Self::default()

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use llmft_quant::io::{write_safetensors, RawTensor};
+use llmft_tensor::store::Unit;
 use llmft_tensor::{ops, Ctx, DType, Tensor};
 use safetensors::Dtype as StDtype;
 
@@ -139,7 +140,7 @@ impl Model {
             files: Vec::new(),
         };
         for unit in 0..self.config.num_units() {
-            let u = self.unit(unit)?;
+            let u = self.unit(Unit::from_index(unit, self.config.num_units()))?;
             for (name, shape) in self.config.unit_tensors(unit) {
                 let mut t = if crate::is_quantizable(&name) {
                     let dense = self.dense_weight(&name)?;

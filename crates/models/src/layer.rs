@@ -39,6 +39,27 @@ pub(crate) struct LayerActs {
 /// linear), so that it skips the adapters' input products.
 pub(crate) struct KeptAttention(Option<AttnRecord>, HashMap<String, LoraSaved>);
 
+impl KeptAttention {
+    /// Replaces every tensor of the record with `f(tensor)` (activation
+    /// offload moves them to host memory after the forward and back before
+    /// the backward).
+    pub(crate) fn map_tensors(
+        &mut self,
+        f: &mut dyn FnMut(Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        if let Some(AttnRecord::Fused { out, lse }) = self.0.take() {
+            self.0 = Some(AttnRecord::Fused {
+                out: f(out)?,
+                lse: f(lse)?,
+            });
+        }
+        for saved in self.1.values_mut() {
+            saved.map_tensors(f)?;
+        }
+        Ok(())
+    }
+}
+
 impl LayerActs {
     /// Frees the SwiGLU output (`B·T·intermediate` values); the backward
     /// recomputes it from the kept gate and up projections.

@@ -24,13 +24,17 @@ mod layer;
 mod loader;
 mod model;
 mod resolve;
+mod stash;
 mod store;
 
 pub use config::{Arch, ModelConfig, SUPPORTED};
 pub use error::{Error, Result};
 pub use layer::KvCache;
 pub use llmft_quant::QuantConfig;
-pub use loader::{is_quantizable, load_resident, load_units, random_units};
+pub use llmft_tensor::store::{
+    BlobEntry, BlobLayout, Resident, StoreBuilder, Unit, UnitGuard, WeightStore,
+};
+pub use loader::{is_quantizable, load_into, random_into};
 pub use model::{sample_token, GenerateOpts, Grads, Model, ModelBatch};
 pub use resolve::{resolve_model, resolve_model_in};
-pub use store::{BlobEntry, BlobLayout, Resident, UnitWeights, WeightStore};
+pub use store::{part_key, QuantIndex, UnitWeights};

@@ -8,7 +8,9 @@ use llmft_quant::{QuantConfig, QuantizedTensor};
 use llmft_tensor::{ops, Ctx, DType, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::store::{BlobLayout, Resident, UnitWeights};
+use llmft_tensor::store::{BlobLayout, StoreBuilder, Unit};
+
+use crate::store::{push_quantized, write_quantized, QuantIndex};
 use crate::{Error, ModelConfig, Result};
 
 /// Where each tensor of a checkpoint lives.
@@ -173,42 +175,98 @@ pub fn is_quantizable(name: &str) -> bool {
     name.starts_with("model.layers.") && name.ends_with("_proj.weight")
 }
 
-fn layout_for(
-    wanted: &[(String, Vec<usize>)],
-    dtype: DType,
-    quant: Option<&QuantConfig>,
-) -> BlobLayout {
-    let mut layout = BlobLayout::default();
-    for (name, shape) in wanted {
-        if !(quant.is_some() && is_quantizable(name)) {
-            layout.push(name, dtype, shape);
-        }
-    }
-    layout
+/// One unit being loaded: its dense tensors (streamed straight into the
+/// blob once it exists) and its quantized weights (staged on the compute
+/// device until then).
+struct Staged {
+    unit: Unit,
+    dense: Vec<(String, Vec<usize>)>,
+    quantized: Vec<(String, QuantizedTensor)>,
 }
 
-/// Loads the frozen weights of every unit from a Hugging Face folder onto
-/// `ctx`, converting to `dtype`. Tensors stream from the mapped files in
-/// chunks of 8M elements and file pages are released after each chunk, so
-/// host memory stays far below one tensor, let alone the model.
+impl Staged {
+    fn layout(&self, dtype: DType) -> BlobLayout {
+        let mut layout = BlobLayout::default();
+        for (name, shape) in &self.dense {
+            layout.push(name, dtype, shape);
+        }
+        for (name, q) in &self.quantized {
+            push_quantized(&mut layout, name, q);
+        }
+        layout
+    }
+
+    /// Allocates the unit's blob in `builder`, fills it (`fill_dense` writes
+    /// each dense tensor into its view), hands it to the store and records
+    /// the quantized weights in `index`.
+    fn commit(
+        self,
+        ctx: &Ctx,
+        dtype: DType,
+        builder: &mut dyn StoreBuilder,
+        index: &mut QuantIndex,
+        mut fill_dense: impl FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let blob = builder.alloc(self.unit, self.layout(dtype))?;
+        for (name, _) in &self.dense {
+            fill_dense(name, &mut blob.get(name)?)?;
+        }
+        for (name, q) in &self.quantized {
+            write_quantized(ctx, &blob, name, q)?;
+        }
+        // The blob may be host memory the store copies from on another stream.
+        ctx.synchronize()?;
+        let home = builder.add(self.unit, blob)?;
+        let u = self.unit.index(index.num_units());
+        for (name, q) in &self.quantized {
+            index.insert(u, name, q, &home)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `f` (which fills a tensor on `ctx`) into `dst`, staging on `ctx`
+/// when `dst` lives elsewhere (a host blob of an offloaded store).
+fn fill_via(ctx: &Ctx, dst: &mut Tensor, f: impl FnOnce(&mut Tensor) -> Result<()>) -> Result<()> {
+    if dst.device() == ctx.device() {
+        return f(dst);
+    }
+    let mut t = Tensor::zeros(ctx, dst.dtype(), dst.shape())?;
+    f(&mut t)?;
+    dst.copy_from(ctx, &t)?;
+    Ok(ctx.synchronize()?)
+}
+
+/// Loads the frozen weights of every unit from a Hugging Face folder into
+/// `builder`'s store, converting to `dtype`. Tensors stream from the mapped
+/// files in chunks of 8M elements and file pages are released after each
+/// chunk, so host memory stays far below one tensor, let alone the model.
 ///
 /// With `quant`, the decoder's linear weights are quantized on `ctx`'s device
 /// as they arrive (one tensor at a time), so the model never exists whole in
-/// `dtype`. Weights the checkpoint already holds in bitsandbytes or hqq
-/// format load as they are.
-pub fn load_units(
+/// `dtype`; one unit's quantized weights are staged on the device until the
+/// store takes the unit. Weights the checkpoint already holds in
+/// bitsandbytes or hqq format load as they are.
+pub fn load_into(
     dir: &Path,
     config: &ModelConfig,
     ctx: &Ctx,
     dtype: DType,
     quant: Option<&QuantConfig>,
-) -> Result<Vec<UnitWeights>> {
+    builder: &mut dyn StoreBuilder,
+) -> Result<QuantIndex> {
     let index = Index::open(dir)?;
     let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
-    let mut units = Vec::with_capacity(config.num_units());
-    for unit in 0..config.num_units() {
-        let wanted = config.unit_tensors(unit);
-        let mut uw = UnitWeights::zeros(ctx, layout_for(&wanted, dtype, quant))?;
+    let mut qindex = QuantIndex::new(config.num_units());
+    for unit in Unit::all(config.num_layers) {
+        let wanted = config.unit_tensors(unit.index(config.num_units()));
+        let mut staged = Staged {
+            unit,
+            dense: Vec::new(),
+            quantized: Vec::new(),
+        };
+        // Where each dense tensor comes from: (file, source dtype).
+        let mut sources: HashMap<String, (String, DType)> = HashMap::new();
         for (name, shape) in &wanted {
             // An hqq module has no `.weight`; its file is the one of `.W_q`.
             let hqq_key = llmft_quant::io::hqq_module_key(name, "W_q");
@@ -239,7 +297,7 @@ pub fn load_units(
                         expected: shape.clone(),
                     });
                 }
-                uw.insert_quantized(name, q);
+                staged.quantized.push((name.clone(), q));
                 continue;
             }
             let view = st.tensor(name).map_err(|_| Error::MissingTensor {
@@ -259,60 +317,72 @@ pub fn load_units(
                 Some(cfg) => {
                     let mut dense = Tensor::zeros(ctx, dtype, shape)?;
                     stream_tensor(ctx, shard, src_dtype, view.data(), &mut dense)?;
-                    uw.insert_quantized(name, QuantizedTensor::quantize(ctx, &dense, cfg)?);
+                    let q = QuantizedTensor::quantize(ctx, &dense, cfg)?;
+                    staged.quantized.push((name.clone(), q));
                 }
                 None => {
-                    let mut dst = uw.get(name)?;
-                    stream_tensor(ctx, shard, src_dtype, view.data(), &mut dst)?;
+                    sources.insert(name.clone(), (file.clone(), src_dtype));
+                    staged.dense.push((name.clone(), shape.clone()));
                 }
             }
         }
-        units.push(uw);
+        staged.commit(ctx, dtype, builder, &mut qindex, |name, dst| {
+            let (file, src_dtype) = &sources[name];
+            let shard = &shards[file];
+            let st = shard.parsed();
+            let view = st.tensor(name).map_err(|_| Error::MissingTensor {
+                dir: shard.path.clone(),
+                name: name.to_string(),
+            })?;
+            stream_tensor(ctx, shard, *src_dtype, view.data(), dst)
+        })?;
     }
-    Ok(units)
+    Ok(qindex)
 }
 
 /// Randomly initialized units for `config` (normal(0, initializer_range) for
-/// matrices, ones for norms, zeros for biases), seeded.
+/// matrices, ones for norms, zeros for biases), seeded, into `builder`.
 /// With `quant`, decoder linear weights are drawn dense and quantized one at a time.
-pub fn random_units(
+pub fn random_into(
     config: &ModelConfig,
     ctx: &Ctx,
     dtype: DType,
     seed: u64,
     quant: Option<&QuantConfig>,
-) -> Result<Vec<UnitWeights>> {
-    let mut units = Vec::with_capacity(config.num_units());
-    for unit in 0..config.num_units() {
-        let wanted = config.unit_tensors(unit);
-        let mut uw = UnitWeights::zeros(ctx, layout_for(&wanted, dtype, quant))?;
+    builder: &mut dyn StoreBuilder,
+) -> Result<QuantIndex> {
+    let mut qindex = QuantIndex::new(config.num_units());
+    for unit in Unit::all(config.num_layers) {
+        let u = unit.index(config.num_units());
+        let wanted = config.unit_tensors(u);
+        let seed_of = |k: usize| seed ^ ((u as u64) << 32) ^ k as u64;
+        let mut staged = Staged {
+            unit,
+            dense: Vec::new(),
+            quantized: Vec::new(),
+        };
+        let mut seeds = HashMap::new();
         for (k, (name, shape)) in wanted.iter().enumerate() {
-            let s = seed ^ ((unit as u64) << 32) ^ k as u64;
             if let Some(cfg) = quant.filter(|_| is_quantizable(name)) {
                 let mut dense = Tensor::zeros(ctx, dtype, shape)?;
-                ops::fill_normal(ctx, &mut dense, s, 0.0, config.initializer_range)?;
-                uw.insert_quantized(name, QuantizedTensor::quantize(ctx, &dense, cfg)?);
-                continue;
-            }
-            let mut t = uw.get(name)?;
-            if name.ends_with("norm.weight") {
-                ops::fill(ctx, &mut t, 1.0)?;
-            } else if !name.ends_with(".bias") {
-                ops::fill_normal(ctx, &mut t, s, 0.0, config.initializer_range)?;
+                ops::fill_normal(ctx, &mut dense, seed_of(k), 0.0, config.initializer_range)?;
+                let q = QuantizedTensor::quantize(ctx, &dense, cfg)?;
+                staged.quantized.push((name.clone(), q));
+            } else {
+                seeds.insert(name.clone(), seed_of(k));
+                staged.dense.push((name.clone(), shape.clone()));
             }
         }
-        units.push(uw);
+        staged.commit(ctx, dtype, builder, &mut qindex, |name, dst| {
+            fill_via(ctx, dst, |t| {
+                if name.ends_with("norm.weight") {
+                    ops::fill(ctx, t, 1.0)?;
+                } else if !name.ends_with(".bias") {
+                    ops::fill_normal(ctx, t, seeds[name], 0.0, config.initializer_range)?;
+                }
+                Ok(())
+            })
+        })?;
     }
-    Ok(units)
-}
-
-/// A resident store over a loaded folder.
-pub fn load_resident(
-    dir: &Path,
-    config: &ModelConfig,
-    ctx: &Ctx,
-    dtype: DType,
-    quant: Option<&QuantConfig>,
-) -> Result<Resident> {
-    Ok(Resident::new(load_units(dir, config, ctx, dtype, quant)?))
+    Ok(qindex)
 }

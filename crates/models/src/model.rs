@@ -8,9 +8,13 @@ use llmft_quant::QuantConfig;
 use llmft_tensor::ops::{self, CrossEntropyOpts, Gemm, LmHeadGrads, LossStats};
 use llmft_tensor::{Ctx, DType, Tensor};
 
+use llmft_tensor::store::{Resident, StoreBuilder, Unit, WeightStore};
+use llmft_tensor::{Event, PinnedPool};
+
 use crate::layer::{KeptAttention, KvCache, Layer, LayerActs};
-use crate::loader::{load_units, random_units};
-use crate::store::{Resident, WeightStore};
+use crate::loader::{load_into, random_into};
+use crate::stash::Stash;
+use crate::store::{QuantIndex, UnitWeights};
 use crate::{Error, ModelConfig, Result};
 
 /// One batch of `batch` rows of `seq` tokens, flattened row-major.
@@ -240,6 +244,58 @@ enum Kept {
     Attention(Option<KeptAttention>),
 }
 
+/// A layer's input and records between its forward and its backward, on
+/// the device or (activation offload) in host memory.
+struct Saved {
+    x: Option<Tensor>,
+    kept: Kept,
+    place: Place,
+}
+
+/// Where a [`Saved`] is.
+enum Place {
+    Device,
+    Host,
+    /// On its way back: usable once the compute stream waits for the event.
+    Returning(Event),
+}
+
+impl Saved {
+    fn map(&mut self, f: &mut dyn FnMut(Tensor) -> Result<Tensor>) -> Result<()> {
+        if let Some(x) = self.x.take() {
+            self.x = Some(f(x)?);
+        }
+        if let Kept::Attention(Some(k)) = &mut self.kept {
+            k.map_tensors(f)?;
+        }
+        Ok(())
+    }
+
+    fn to_host(&mut self, stash: &mut Stash) -> Result<()> {
+        self.map(&mut |t| stash.out(t))?;
+        self.place = Place::Host;
+        Ok(())
+    }
+
+    /// Starts the copy back of a host record.
+    fn start_back(&mut self, stash: &Stash) -> Result<()> {
+        if let Place::Host = self.place {
+            self.map(&mut |t| stash.back(t))?;
+            self.place = Place::Returning(stash.mark()?);
+        }
+        Ok(())
+    }
+
+    /// The record on the device, ordered before the compute stream's next work.
+    fn on_device(&mut self, stash: &Stash) -> Result<()> {
+        self.start_back(stash)?;
+        if let Place::Returning(ev) = std::mem::replace(&mut self.place, Place::Device) {
+            stash.ready(&ev)?;
+        }
+        Ok(())
+    }
+}
+
 /// A decoder-only transformer over a weight store.
 pub struct Model {
     /// Its configuration.
@@ -247,6 +303,8 @@ pub struct Model {
     ctx: Ctx,
     dtype: DType,
     store: Box<dyn WeightStore>,
+    quant: QuantIndex,
+    pinned: PinnedPool,
     inv_freq: Tensor,
     /// Keep only each layer's input and recompute inside backward.
     pub checkpointing: bool,
@@ -260,17 +318,24 @@ pub struct Model {
     /// instead (no recompute: faster, more memory; the SwiGLU output is
     /// recomputed from the kept gate and up projections). Default 0.
     pub checkpoint_skip_layers: usize,
+    /// Under checkpointing, move what each recomputed layer keeps (its input,
+    /// its attention record) to pinned host memory after its forward and
+    /// bring it back one layer ahead of its backward, overlapping compute.
+    /// Default false.
+    pub offload_activations: bool,
     adapter: Option<Adapter>,
     source_config: Option<serde_json::Value>,
 }
 
 impl Model {
-    /// A model over `store` computing in `dtype` on `ctx`.
+    /// A model over `store` computing in `dtype` on `ctx`; `quant` says
+    /// which entries of each unit are parts of quantized weights.
     pub fn new(
         config: ModelConfig,
         ctx: &Ctx,
         dtype: DType,
         store: Box<dyn WeightStore>,
+        quant: QuantIndex,
     ) -> Result<Self> {
         let inv = ops::rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling);
         let inv_freq = Tensor::from_slice(ctx, &inv, &[config.head_dim / 2])?;
@@ -286,10 +351,13 @@ impl Model {
             ctx: ctx.clone(),
             dtype,
             store,
+            quant,
+            pinned: PinnedPool::new(ctx),
             inv_freq,
             checkpointing: false,
             checkpoint_keep_attention: true,
             checkpoint_skip_layers: 0,
+            offload_activations: false,
             adapter: None,
             source_config: None,
         })
@@ -314,10 +382,25 @@ impl Model {
         dtype: DType,
         quant: Option<&QuantConfig>,
     ) -> Result<Self> {
+        Self::from_dir_into(dir, ctx, dtype, quant, &mut |n| {
+            Ok(Resident::builder(ctx, n))
+        })
+    }
+
+    /// Loads a Hugging Face folder into the store `builder(num_units)` makes
+    /// (resident, offloaded, ...), unit by unit.
+    pub fn from_dir_into(
+        dir: &Path,
+        ctx: &Ctx,
+        dtype: DType,
+        quant: Option<&QuantConfig>,
+        builder: &mut dyn FnMut(usize) -> Result<Box<dyn StoreBuilder>>,
+    ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let config = ModelConfig::from_file(&cfg_path)?;
-        let units = load_units(dir, &config, ctx, dtype, quant)?;
-        let mut model = Self::new(config, ctx, dtype, Box::new(Resident::new(units)))?;
+        let mut b = builder(config.num_units())?;
+        let index = load_into(dir, &config, ctx, dtype, quant, b.as_mut())?;
+        let mut model = Self::new(config, ctx, dtype, b.finish()?, index)?;
         model.source_config = std::fs::read_to_string(&cfg_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -337,13 +420,67 @@ impl Model {
         seed: u64,
         quant: Option<&QuantConfig>,
     ) -> Result<Self> {
-        let units = random_units(&config, ctx, dtype, seed, quant)?;
-        Self::new(config, ctx, dtype, Box::new(Resident::new(units)))
+        let b = Resident::builder(ctx, config.num_units());
+        Self::random_in(config, ctx, dtype, seed, quant, b)
     }
 
-    /// The weights of unit `unit` (0 = embedding, 1..=L layers, L+1 head).
-    pub fn unit(&self, unit: usize) -> Result<std::sync::Arc<crate::store::UnitWeights>> {
-        self.store.fetch(unit)
+    /// [`Model::random_quantized`] into the store `builder` builds.
+    pub fn random_in(
+        config: ModelConfig,
+        ctx: &Ctx,
+        dtype: DType,
+        seed: u64,
+        quant: Option<&QuantConfig>,
+        mut builder: Box<dyn StoreBuilder>,
+    ) -> Result<Self> {
+        let index = random_into(&config, ctx, dtype, seed, quant, builder.as_mut())?;
+        Self::new(config, ctx, dtype, builder.finish()?, index)
+    }
+
+    /// The weights of `unit`, fetched from the store (held while the
+    /// returned value lives).
+    pub fn unit(&self, unit: Unit) -> Result<UnitWeights> {
+        let g = self.store.fetch(unit)?;
+        UnitWeights::new(g, self.quant.unit(unit.index(self.config.num_units())))
+    }
+
+    /// The weight store.
+    pub fn store(&self) -> &dyn WeightStore {
+        self.store.as_ref()
+    }
+
+    /// Which entries of each unit are parts of quantized weights.
+    pub fn quant_index(&self) -> &QuantIndex {
+        &self.quant
+    }
+
+    /// Overwrites the frozen tensor `name` of `unit` with `src` where the
+    /// store keeps it (full / freeze training writes its updates here).
+    pub fn write_weight(&self, unit: Unit, name: &str, src: &Tensor) -> Result<()> {
+        Ok(self.store.write(unit, name, src)?)
+    }
+
+    /// Host memory pinned for activation offload (free and in use).
+    pub fn pinned_activation_bytes(&self) -> usize {
+        self.pinned.held_bytes()
+    }
+
+    /// The order of a training pass: embedding, layers, head (and the tied
+    /// embedding), layers in reverse.
+    fn train_order(&self) -> Vec<Unit> {
+        let l = self.config.num_layers;
+        let mut o = self.forward_order();
+        o.extend((0..l).rev().map(Unit::Layer));
+        o
+    }
+
+    /// The order of a forward pass.
+    fn forward_order(&self) -> Vec<Unit> {
+        let mut o: Vec<Unit> = Unit::all(self.config.num_layers).collect();
+        if self.config.tie_word_embeddings {
+            o.push(Unit::Embed);
+        }
+        o
     }
 
     /// The compute context.
@@ -356,7 +493,7 @@ impl Model {
         self.dtype
     }
 
-    fn layer<'a>(&'a self, w: &'a crate::store::UnitWeights, i: usize, mode: Mode) -> Layer<'a> {
+    fn layer<'a>(&'a self, w: &'a UnitWeights, i: usize, mode: Mode) -> Layer<'a> {
         Layer {
             cfg: &self.config,
             ctx: &self.ctx,
@@ -374,12 +511,7 @@ impl Model {
 
     /// [`Model::layer`] keeping its dequantized weights until it is dropped
     /// (for a recompute followed by the backward).
-    fn layer_for_backward<'a>(
-        &'a self,
-        w: &'a crate::store::UnitWeights,
-        i: usize,
-        mode: Mode,
-    ) -> Layer<'a> {
+    fn layer_for_backward<'a>(&'a self, w: &'a UnitWeights, i: usize, mode: Mode) -> Layer<'a> {
         Layer {
             dense: Some(Default::default()),
             ..self.layer(w, i, mode)
@@ -433,7 +565,7 @@ impl Model {
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse().ok())
             .ok_or_else(|| Error::Invalid(format!("`{name}` is not a decoder tensor")))?;
-        let u = self.store.fetch(layer + 1)?;
+        let u = self.unit(Unit::Layer(layer))?;
         match u.quantized(name) {
             Some(q) => {
                 let mut t = Tensor::zeros(&self.ctx, self.dtype, &q.shape)?;
@@ -488,7 +620,7 @@ impl Model {
     }
 
     fn embed(&self, batch: &ModelBatch) -> Result<Tensor> {
-        let w = self.store.fetch(0)?;
+        let w = self.unit(Unit::Embed)?;
         let table = w.get("model.embed_tokens.weight")?;
         let mut x = Tensor::zeros(
             &self.ctx,
@@ -499,27 +631,26 @@ impl Model {
         Ok(x)
     }
 
-    fn head_weight(&self) -> Result<(Tensor, &'static str)> {
-        if self.config.tie_word_embeddings {
-            Ok((
-                self.store.fetch(0)?.get("model.embed_tokens.weight")?,
-                "model.embed_tokens.weight",
-            ))
-        } else {
-            let u = self.store.fetch(self.config.num_layers + 1)?;
-            Ok((u.get("lm_head.weight")?, "lm_head.weight"))
-        }
+    /// The final norm's and LM head's weights: the head unit, and the
+    /// embedding unit when the head is tied to it (fetched after the head, as
+    /// the pass orders declare).
+    fn head_units(&self) -> Result<HeadUnits> {
+        let head = self.unit(Unit::Head)?;
+        let tied = match self.config.tie_word_embeddings {
+            true => Some(self.unit(Unit::Embed)?),
+            false => None,
+        };
+        Ok(HeadUnits { head, tied })
     }
 
-    fn final_norm(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let u = self.store.fetch(self.config.num_layers + 1)?;
+    fn final_norm(&self, hu: &HeadUnits, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = x.shape()[0];
         let mut h = Tensor::zeros(&self.ctx, self.dtype, x.shape())?;
         let mut r = Tensor::zeros(&self.ctx, DType::F32, &[n])?;
         ops::rmsnorm_fwd(
             &self.ctx,
             x,
-            &u.get("model.norm.weight")?,
+            &hu.head.get("model.norm.weight")?,
             self.config.rms_norm_eps,
             &mut h,
             &mut r,
@@ -527,24 +658,55 @@ impl Model {
         Ok((h, r))
     }
 
+    /// The decoder stack's forward from the embedding output: the final
+    /// hidden states.
+    fn forward_layers(&self, batch: &ModelBatch) -> Result<Tensor> {
+        let mut x = self.embed(batch)?;
+        for i in 0..self.config.num_layers {
+            let w = self.unit(Unit::Layer(i))?;
+            x = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?.0;
+        }
+        Ok(x)
+    }
+
     /// f32 logits `[B·T, V]` (for checks and generation; training never
     /// materializes them).
     pub fn logits(&self, batch: &ModelBatch) -> Result<Tensor> {
         self.check_batch(batch)?;
-        let mut x = self.embed(batch)?;
-        for i in 0..self.config.num_layers {
-            let w = self.store.fetch(i + 1)?;
-            x = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?.0;
-        }
-        let (h, _) = self.final_norm(&x)?;
-        let (w, _) = self.head_weight()?;
+        self.store.schedule(&self.forward_order())?;
+        let x = self.forward_layers(batch)?;
+        let hu = self.head_units()?;
+        let (h, _) = self.final_norm(&hu, &x)?;
         let mut logits = Tensor::zeros(
             &self.ctx,
             DType::F32,
             &[batch.tokens(), self.config.vocab_size],
         )?;
-        ops::gemm(&self.ctx, &h, &w, &mut logits, Gemm::nt())?;
+        ops::gemm(&self.ctx, &h, &hu.weight()?.0, &mut logits, Gemm::nt())?;
         Ok(logits)
+    }
+
+    /// The loss of one batch, forward only (evaluation): as
+    /// [`Model::forward_backward`] without gradients and without running
+    /// any backward.
+    pub fn forward_loss(&self, batch: &ModelBatch, normalizer: Option<f32>) -> Result<LossStats> {
+        self.check_batch(batch)?;
+        self.store.schedule(&self.forward_order())?;
+        let x = self.forward_layers(batch)?;
+        let hu = self.head_units()?;
+        let (h, _) = self.final_norm(&hu, &x)?;
+        let opts = CrossEntropyOpts {
+            normalizer,
+            ..CrossEntropyOpts::default()
+        };
+        Ok(ops::lm_head_cross_entropy(
+            &self.ctx,
+            &h,
+            &hu.weight()?.0,
+            &batch.targets,
+            &opts,
+            None,
+        )?)
     }
 
     /// Continues `prompt` (one sequence) with a KV cache; returns the new tokens.
@@ -559,15 +721,23 @@ impl Model {
         let mut out = Vec::new();
         let (mut tokens, mut start) = (prompt.to_vec(), 0usize);
         for step in 0..opts.max_new_tokens {
+            self.store.schedule(&self.forward_order())?;
             let n = tokens.len();
             let ids = Tensor::from_slice(&self.ctx, &tokens, &[n])?;
             let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
             let pos = Tensor::from_slice(&self.ctx, &pos, &[n])?;
-            let table = self.store.fetch(0)?.get("model.embed_tokens.weight")?;
             let mut x = Tensor::zeros(&self.ctx, self.dtype, &[n, self.config.hidden_size])?;
-            ops::embedding_fwd(&self.ctx, &ids, &table, &mut x)?;
+            {
+                let e = self.unit(Unit::Embed)?;
+                ops::embedding_fwd(
+                    &self.ctx,
+                    &ids,
+                    &e.get("model.embed_tokens.weight")?,
+                    &mut x,
+                )?;
+            }
             for (i, cache) in caches.iter_mut().enumerate() {
-                let w = self.store.fetch(i + 1)?;
+                let w = self.unit(Unit::Layer(i))?;
                 x = self
                     .layer(&w, i, Mode::Eval)
                     .forward_cached(&x, &pos, cache, start)?;
@@ -576,10 +746,11 @@ impl Model {
                 (n - 1) * self.config.hidden_size,
                 &[1, self.config.hidden_size],
             )?;
-            let (h, _) = self.final_norm(&last)?;
-            let (w, _) = self.head_weight()?;
+            let hu = self.head_units()?;
+            let (h, _) = self.final_norm(&hu, &last)?;
             let mut logits = Tensor::zeros(&self.ctx, DType::F32, &[1, self.config.vocab_size])?;
-            ops::gemm(&self.ctx, &h, &w, &mut logits, Gemm::nt())?;
+            ops::gemm(&self.ctx, &h, &hu.weight()?.0, &mut logits, Gemm::nt())?;
+            drop(hu);
             let next = sample_token(&logits.to_vec::<f32>()?, opts, step as u64);
             out.push(next);
             if opts.stop.contains(&next) {
@@ -593,7 +764,7 @@ impl Model {
 
     /// Decoder layer `i` forward on hidden states `x [B·T, H]`.
     pub fn forward_layer(&self, i: usize, x: &Tensor, batch: &ModelBatch) -> Result<Tensor> {
-        let w = self.store.fetch(i + 1)?;
+        let w = self.unit(Unit::Layer(i))?;
         Ok(self.layer(&w, i, Self::mode(batch)).forward(x, batch)?.0)
     }
 
@@ -607,7 +778,7 @@ impl Model {
         batch: &ModelBatch,
         grads: Option<&mut Grads>,
     ) -> Result<Tensor> {
-        let w = self.store.fetch(i + 1)?;
+        let w = self.unit(Unit::Layer(i))?;
         let layer = self.layer_for_backward(&w, i, Self::mode(batch));
         let a = layer.recompute(x, batch, None)?;
         let mut grads = grads;
@@ -627,21 +798,23 @@ impl Model {
     ) -> Result<LossStats> {
         self.check_batch(batch)?;
         let l = self.config.num_layers;
+        self.store.schedule(&self.train_order())?;
         let x0 = self.embed(batch)?;
         // Forward: keep each layer's input; keep activations unless checkpointing.
-        let mut inputs: Vec<Tensor> = Vec::with_capacity(l + 1);
-        let mut acts: Vec<Kept> = Vec::with_capacity(l);
+        let mut saved: Vec<Saved> = Vec::with_capacity(l);
         let mut x = x0;
         let recomputed = if self.checkpointing {
             l.saturating_sub(self.checkpoint_skip_layers)
         } else {
             0
         };
+        let mut stash = Stash::new(&self.ctx, &self.pinned);
         for i in 0..l {
-            self.store.prefetch(i + 2)?;
-            let w = self.store.fetch(i + 1)?;
-            let (y, a) = self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?;
-            acts.push(match (i < recomputed, self.checkpoint_keep_attention) {
+            let (y, a) = {
+                let w = self.unit(Unit::Layer(i))?;
+                self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?
+            };
+            let kept = match (i < recomputed, self.checkpoint_keep_attention) {
                 // A layer checkpointing skips keeps all but the SwiGLU output.
                 (false, _) if self.checkpointing => {
                     let mut a = a;
@@ -653,14 +826,25 @@ impl Model {
                     a.take_attention(self.adapter.as_ref(), &format!("model.layers.{i}.")),
                 )),
                 (true, false) => Kept::Attention(None),
-            });
-            inputs.push(x);
+            };
+            let mut s = Saved {
+                x: Some(x),
+                kept,
+                place: Place::Device,
+            };
+            // The last recomputed layer's backward comes next: it stays.
+            stash.settle();
+            if self.offload_activations && i < recomputed && i + 1 < l {
+                s.to_host(&mut stash)?;
+            }
+            saved.push(s);
             x = y;
-            self.store.release(i + 1)?;
         }
         // Head: final norm, fused LM head + cross-entropy.
-        let (h, rstd) = self.final_norm(&x)?;
-        let (w_head, head_name) = self.head_weight()?;
+        let hu = self.head_units()?;
+        stash.settle();
+        let (h, rstd) = self.final_norm(&hu, &x)?;
+        let (w_head, head_name) = hu.weight()?;
         let mut dh = Tensor::zeros(&self.ctx, self.dtype, h.shape())?;
         let opts = CrossEntropyOpts {
             normalizer,
@@ -677,7 +861,6 @@ impl Model {
                 Some(LmHeadGrads { dh: &mut dh, dw }),
             )?
         };
-        let u = self.store.fetch(l + 1)?;
         let mut dx = Tensor::zeros(&self.ctx, self.dtype, x.shape())?;
         {
             let dnorm = grads
@@ -687,18 +870,23 @@ impl Model {
                 &self.ctx,
                 &dh,
                 &x,
-                &u.get("model.norm.weight")?,
+                &hu.head.get("model.norm.weight")?,
                 &rstd,
                 &mut dx,
                 dnorm,
             )?;
         }
-        drop((h, dh, x));
-        // Layers in reverse.
+        drop((h, dh, x, w_head, hu));
+        // Layers in reverse; each one's record comes back one layer ahead.
         for i in (0..l).rev() {
-            let w = self.store.fetch(i + 1)?;
-            let xin = inputs.pop().expect("one input per layer");
-            dx = match acts.pop().expect("one record per layer") {
+            let mut s = saved.pop().expect("one record per layer");
+            s.on_device(&stash)?;
+            if let Some(next) = saved.last_mut() {
+                next.start_back(&stash)?;
+            }
+            let xin = s.x.take().expect("a layer input");
+            let w = self.unit(Unit::Layer(i))?;
+            dx = match s.kept {
                 Kept::All(a) => {
                     let layer = self.layer(&w, i, Self::mode(batch));
                     layer.backward(&xin, &a, &dx, batch, &mut grads)?
@@ -719,5 +907,24 @@ impl Model {
             }
         }
         Ok(stats)
+    }
+}
+
+/// The fetched head unit and, for a tied head, the embedding unit.
+struct HeadUnits {
+    head: UnitWeights,
+    tied: Option<UnitWeights>,
+}
+
+impl HeadUnits {
+    /// The LM head's weight and its name.
+    fn weight(&self) -> Result<(Tensor, &'static str)> {
+        match &self.tied {
+            Some(e) => Ok((
+                e.get("model.embed_tokens.weight")?,
+                "model.embed_tokens.weight",
+            )),
+            None => Ok((self.head.get("lm_head.weight")?, "lm_head.weight")),
+        }
     }
 }

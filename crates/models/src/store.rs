@@ -1,84 +1,105 @@
-//! Where a unit's frozen weights live. A unit's weights are one contiguous
-//! blob with a table of (name, dtype, shape, offset); [`WeightStore`] hands
-//! out device views of a unit. The model sees only the trait, so resident,
-//! sharded and offloaded stores run the same code.
-use std::collections::HashMap;
-use std::sync::Arc;
+//! What a unit's bytes mean. A store ([`llmft_tensor::store`]) moves each
+//! unit's blob without knowing what it holds; [`UnitWeights`] reads a fetched
+//! blob back as the model's tensors: dense entries as views, quantized linear
+//! weights as [`QuantizedTensor`]s whose parts are views of the blob (entries
+//! named `{weight}#{part}`).
+use std::collections::{BTreeMap, HashMap};
 
 use llmft_quant::QuantizedTensor;
-use llmft_tensor::{numel, Ctx, DType, Tensor};
+use llmft_tensor::store::{BlobLayout, UnitBlob, UnitGuard};
+use llmft_tensor::Tensor;
 
 use crate::{Error, Result};
 
-/// Byte alignment of each tensor inside a blob.
-const ALIGN: usize = 256;
-
-/// One tensor's place in a unit blob.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlobEntry {
-    /// Hugging Face tensor name.
-    pub name: String,
-    /// Element type.
-    pub dtype: DType,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Byte offset in the blob.
-    pub offset: usize,
+/// The blob entry of part `part` of quantized weight `name`.
+pub fn part_key(name: &str, part: &str) -> String {
+    format!("{name}#{part}")
 }
 
-/// The layout of a unit blob.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct BlobLayout {
-    /// Entries in blob order.
-    pub entries: Vec<BlobEntry>,
-    /// Total bytes.
-    pub bytes: usize,
-}
-
-impl BlobLayout {
-    /// Appends a tensor, aligned to 256 bytes.
-    pub fn push(&mut self, name: &str, dtype: DType, shape: &[usize]) {
-        let offset = self.bytes.next_multiple_of(ALIGN);
-        self.bytes = offset + numel(shape) * dtype.size();
-        self.entries.push(BlobEntry {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-            offset,
-        });
+/// Appends every part of `q` (quantized weight `name`) to `layout`.
+pub(crate) fn push_quantized(layout: &mut BlobLayout, name: &str, q: &QuantizedTensor) {
+    for (part, t) in q.parts() {
+        layout.push(&part_key(name, &part), t.dtype(), t.shape());
     }
 }
 
-/// A unit's frozen weights: one blob and its table, plus the quantized
-/// linear weights (packed data and statistics) by name.
-#[derive(Debug, Clone)]
+/// Copies the parts of `q` into their entries of `blob`.
+pub(crate) fn write_quantized(
+    ctx: &llmft_tensor::Ctx,
+    blob: &UnitBlob,
+    name: &str,
+    q: &QuantizedTensor,
+) -> Result<()> {
+    for (part, t) in q.parts() {
+        blob.get(&part_key(name, &part))?.copy_from(ctx, &t)?;
+    }
+    Ok(())
+}
+
+/// The quantized weights of each unit, as templates: their format and
+/// shapes (parts are views of the store's home copy, never computed on).
+#[derive(Debug, Clone, Default)]
+pub struct QuantIndex {
+    units: Vec<BTreeMap<String, QuantizedTensor>>,
+}
+
+impl QuantIndex {
+    /// An index of `num_units` units without quantized weights.
+    pub fn new(num_units: usize) -> Self {
+        Self {
+            units: vec![BTreeMap::new(); num_units],
+        }
+    }
+
+    /// Records quantized weight `name` of unit index `unit`, rebinding its
+    /// parts to views of `home` (the blob as the store keeps it).
+    pub(crate) fn insert(
+        &mut self,
+        unit: usize,
+        name: &str,
+        q: &QuantizedTensor,
+        home: &UnitBlob,
+    ) -> Result<()> {
+        let t = q.map_parts(&mut |part, _| Ok(home.get(&part_key(name, part))?))?;
+        self.units[unit].insert(name.to_string(), t);
+        Ok(())
+    }
+
+    /// Names of the quantized weights of unit index `unit`.
+    pub fn names(&self, unit: usize) -> impl Iterator<Item = &String> {
+        self.units.get(unit).into_iter().flat_map(|m| m.keys())
+    }
+
+    /// Number of units indexed.
+    pub fn num_units(&self) -> usize {
+        self.units.len()
+    }
+
+    pub(crate) fn unit(&self, unit: usize) -> Option<&BTreeMap<String, QuantizedTensor>> {
+        self.units.get(unit)
+    }
+}
+
+/// A fetched unit read as the model's tensors. Holds the store's guard:
+/// the unit stays on the device while this lives.
+#[derive(Debug)]
 pub struct UnitWeights {
-    blob: Tensor,
-    index: HashMap<String, BlobEntry>,
-    layout: BlobLayout,
+    guard: UnitGuard,
     quantized: HashMap<String, QuantizedTensor>,
 }
 
 impl UnitWeights {
-    /// A zeroed blob of `layout` on `ctx`'s device.
-    pub fn zeros(ctx: &Ctx, layout: BlobLayout) -> Result<Self> {
-        let blob = Tensor::zeros(ctx, DType::U8, &[layout.bytes.max(1)])?;
-        let index = layout
-            .entries
-            .iter()
-            .map(|e| (e.name.clone(), e.clone()))
-            .collect();
-        Ok(Self {
-            blob,
-            index,
-            layout,
-            quantized: HashMap::new(),
-        })
-    }
-
-    /// Adds a quantized weight.
-    pub fn insert_quantized(&mut self, name: &str, q: QuantizedTensor) {
-        self.quantized.insert(name.to_string(), q);
+    /// Reads `guard` with the quantized templates of its unit.
+    pub(crate) fn new(
+        guard: UnitGuard,
+        templates: Option<&BTreeMap<String, QuantizedTensor>>,
+    ) -> Result<Self> {
+        let mut quantized = HashMap::new();
+        for (name, q) in templates.into_iter().flatten() {
+            let view = q.map_parts(&mut |part, _| Ok(guard.get(&part_key(name, part))?))?;
+            quantized.insert(name.clone(), view);
+        }
+        Ok(Self { guard, quantized })
     }
 
     /// The quantized weight `name`, if this unit stores it quantized.
@@ -86,81 +107,33 @@ impl UnitWeights {
         self.quantized.get(name)
     }
 
-    /// Bytes held on the device (blob and quantized weights).
+    /// Bytes of the unit's blob.
     pub fn bytes(&self) -> usize {
-        self.blob.bytes() + self.quantized.values().map(|q| q.bytes()).sum::<usize>()
+        self.guard.layout().bytes
     }
 
-    /// A view of the tensor `name`.
+    /// A view of the dense tensor `name`.
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        let e = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::Invalid(format!("unit has no tensor `{name}`")))?;
-        let bytes = numel(&e.shape) * e.dtype.size();
-        Ok(self
-            .blob
-            .view(e.offset, &[bytes])?
-            .reinterpret(e.dtype, &e.shape)?)
+        if self.quantized.contains_key(name) {
+            return Err(Error::Invalid(format!(
+                "`{name}` is quantized; read it with `quantized`"
+            )));
+        }
+        Ok(self.guard.get(name)?)
     }
 
     /// Whether the unit holds `name` (dense or quantized).
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name) || self.quantized.contains_key(name)
+        self.quantized.contains_key(name) || self.guard.contains(name)
     }
 
-    /// The blob's table.
+    /// The blob's table (dense entries and quantized parts).
     pub fn layout(&self) -> &BlobLayout {
-        &self.layout
+        self.guard.layout()
     }
 
-    /// The blob itself (for stores that move or shard it).
+    /// The blob itself.
     pub fn blob(&self) -> &Tensor {
-        &self.blob
-    }
-}
-
-/// Hands out the frozen weights of units 0 (embedding), 1..=L (layers) and
-/// L+1 (final norm + head).
-pub trait WeightStore: Send + Sync {
-    /// Device views of unit `unit`, ready for compute.
-    fn fetch(&self, unit: usize) -> Result<Arc<UnitWeights>>;
-    /// Starts bringing `unit` to the device (no-op for resident weights).
-    fn prefetch(&self, _unit: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Says `unit` is no longer needed on the device for now.
-    fn release(&self, _unit: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Number of units.
-    fn num_units(&self) -> usize;
-}
-
-/// Every unit resident on the device.
-pub struct Resident {
-    units: Vec<Arc<UnitWeights>>,
-}
-
-impl Resident {
-    /// A store over already-filled units.
-    pub fn new(units: Vec<UnitWeights>) -> Self {
-        Self {
-            units: units.into_iter().map(Arc::new).collect(),
-        }
-    }
-}
-
-impl WeightStore for Resident {
-    fn fetch(&self, unit: usize) -> Result<Arc<UnitWeights>> {
-        self.units.get(unit).cloned().ok_or_else(|| {
-            Error::Invalid(format!(
-                "no unit {unit} (the model has {})",
-                self.units.len()
-            ))
-        })
-    }
-    fn num_units(&self) -> usize {
-        self.units.len()
+        self.guard.blob()
     }
 }

@@ -2,7 +2,7 @@
 //! model holding the dequantized weights; quantization error stays small.
 use std::path::Path;
 
-use llmft_models::{is_quantizable, Grads, Model, ModelBatch, QuantConfig};
+use llmft_models::{is_quantizable, Grads, Model, ModelBatch, QuantConfig, Unit};
 use llmft_tensor::{Ctx, DType};
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -29,7 +29,10 @@ fn quantized_model_equals_dense_model_of_dequantized_weights() {
             let original = Model::from_dir(&dir, &ctx, DType::F32).unwrap();
             let mut n_quant = 0;
             for u in 1..=q.config.num_layers {
-                let (qu, du) = (q.unit(u).unwrap(), dense.unit(u).unwrap());
+                let (qu, du) = {
+                    let u = Unit::from_index(u, q.config.num_units());
+                    (q.unit(u).unwrap(), dense.unit(u).unwrap())
+                };
                 for (name, _) in q.config.unit_tensors(u) {
                     if is_quantizable(&name) {
                         let qt = qu.quantized(&name).expect("quantized");
@@ -89,7 +92,7 @@ fn prequantized_bnb_checkpoint_loads_as_is() {
         let q = Model::from_dir_quantized(&src, &ctx, DType::F32, Some(&cfg)).unwrap();
         let mut tensors: Vec<(String, RawTensor)> = Vec::new();
         for u in 0..q.config.num_units() {
-            let unit = q.unit(u).unwrap();
+            let unit = q.unit(Unit::from_index(u, q.config.num_units())).unwrap();
             for (name, shape) in q.config.unit_tensors(u) {
                 match unit.quantized(&name) {
                     Some(qt) => tensors.extend(bnb_state_dict(&name, qt).unwrap()),
@@ -113,7 +116,7 @@ fn prequantized_bnb_checkpoint_loads_as_is() {
         std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
         write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
         let loaded = Model::from_dir(&dir, &ctx, DType::F32).unwrap();
-        let u1 = loaded.unit(1).unwrap();
+        let u1 = loaded.unit(Unit::Layer(0)).unwrap();
         assert!(
             u1.quantized("model.layers.0.self_attn.q_proj.weight")
                 .is_some(),

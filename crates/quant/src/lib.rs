@@ -40,4 +40,6 @@ pub use bnb::Code4;
 pub use error::{Error, Result};
 pub use hqq::{HqqConfig, SolverParams};
 pub use load::quantize_bytes;
-pub use quantized::{Absmax, Bnb4, Hqq, HqqStat, Int8, Packed, QuantConfig, QuantizedTensor};
+pub use quantized::{
+    Absmax, Bnb4, Hqq, HqqStat, Int8, Packed, PartFn, QuantConfig, QuantizedTensor,
+};

@@ -318,22 +318,29 @@ impl Hqq {
         })
     }
 
-    fn to_ctx(&self, ctx: &Ctx) -> Result<Self> {
-        let stat = |s: &HqqStat| -> Result<HqqStat> {
+    /// A copy with every tensor replaced by `f(part name, tensor)`; part
+    /// names start with `prefix`.
+    fn map_parts(&self, prefix: &str, f: &mut PartFn<'_>) -> Result<Self> {
+        fn stat(s: &HqqStat, name: &str, f: &mut PartFn<'_>) -> Result<HqqStat> {
             Ok(match s {
-                HqqStat::Plain(t) => HqqStat::Plain(t.to_ctx(ctx)?),
-                HqqStat::Quantized(q) => HqqStat::Quantized(Box::new(q.to_ctx(ctx)?)),
+                HqqStat::Plain(t) => HqqStat::Plain(f(name, t)?),
+                HqqStat::Quantized(q) => {
+                    HqqStat::Quantized(Box::new(q.map_parts(&format!("{name}."), f)?))
+                }
             })
-        };
+        }
         Ok(Self {
             config: self.config,
             numel: self.numel,
-            w_q: self.w_q.to_ctx(ctx)?,
-            scale: stat(&self.scale)?,
-            zero: stat(&self.zero)?,
+            w_q: f(&format!("{prefix}w_q"), &self.w_q)?,
+            scale: stat(&self.scale, &format!("{prefix}scale"), f)?,
+            zero: stat(&self.zero, &format!("{prefix}zero"), f)?,
         })
     }
 }
+
+/// What [`QuantizedTensor::map_parts`] applies to each part.
+pub type PartFn<'a> = dyn FnMut(&str, &Tensor) -> Result<Tensor> + 'a;
 
 impl Bnb4 {
     /// The f32 absmax per block (rebuilt from double quant where needed).
@@ -608,40 +615,78 @@ impl QuantizedTensor {
 
     /// A copy with every part on `ctx`'s device.
     pub fn to_ctx(&self, ctx: &Ctx) -> Result<Self> {
+        self.map_parts(&mut |_, t| Ok(t.to_ctx(ctx)?))
+    }
+
+    /// The same quantized tensor with every part (packed data, statistics,
+    /// code tables) replaced by `f(part name, part)`, which must return a
+    /// tensor of the part's dtype and shape: how a store's unit blob becomes
+    /// a quantized weight again (the parts are views of the fetched blob).
+    /// Part names are stable: `packed`, `quant_map`, `absmax` or
+    /// `absmax_q`/`nested_absmax`/`nested_code` (bnb 4-bit), `q`/`scb`
+    /// (int8), `w_q`/`scale`/`zero` with `scale.`/`zero.` nesting (hqq).
+    pub fn map_parts(&self, f: &mut PartFn<'_>) -> Result<Self> {
+        let mut g = |name: &str, t: &Tensor| -> Result<Tensor> {
+            let out = f(name, t)?;
+            if out.dtype() != t.dtype() || out.shape() != t.shape() {
+                return Err(Error::Shape {
+                    shape: out.shape().to_vec(),
+                    msg: format!(
+                        "part `{name}` replaced by {} {:?}, expected {} {:?}",
+                        out.dtype(),
+                        out.shape(),
+                        t.dtype(),
+                        t.shape()
+                    ),
+                });
+            }
+            Ok(out)
+        };
         let packed = match &self.packed {
             Packed::Bnb4(b) => Packed::Bnb4(Bnb4 {
                 code: b.code,
                 blocksize: b.blocksize,
-                packed: b.packed.to_ctx(ctx)?,
-                quant_map: b.quant_map.to_ctx(ctx)?,
+                packed: g("packed", &b.packed)?,
+                quant_map: g("quant_map", &b.quant_map)?,
                 absmax: match &b.absmax {
-                    Absmax::F32(t) => Absmax::F32(t.to_ctx(ctx)?),
+                    Absmax::F32(t) => Absmax::F32(g("absmax", t)?),
                     Absmax::Nested {
                         q,
                         nested_absmax,
                         code,
                         offset,
                     } => Absmax::Nested {
-                        q: q.to_ctx(ctx)?,
-                        nested_absmax: nested_absmax.to_ctx(ctx)?,
-                        code: code.to_ctx(ctx)?,
+                        q: g("absmax_q", q)?,
+                        nested_absmax: g("nested_absmax", nested_absmax)?,
+                        code: g("nested_code", code)?,
                         offset: *offset,
                     },
                 },
             }),
             Packed::Int8(i) => Packed::Int8(Int8 {
-                q: i.q.to_ctx(ctx)?,
-                scb: i.scb.to_ctx(ctx)?,
+                q: g("q", &i.q)?,
+                scb: g("scb", &i.scb)?,
                 threshold: i.threshold,
                 outlier_cols: i.outlier_cols.clone(),
             }),
-            Packed::Hqq(h) => Packed::Hqq(h.to_ctx(ctx)?),
+            Packed::Hqq(h) => Packed::Hqq(h.map_parts("", &mut g)?),
         };
         Ok(Self {
             shape: self.shape.clone(),
             dtype: self.dtype,
             packed,
         })
+    }
+
+    /// Every part with its name, in a fixed order (see [`Self::map_parts`]).
+    pub fn parts(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        // The closure never fails, so neither does the walk.
+        let _ = self.map_parts(&mut |name, t| {
+            out.push((name.to_string(), t.clone()));
+            Ok(t.clone())
+        });
+        out
     }
 }
 

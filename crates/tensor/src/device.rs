@@ -1,7 +1,7 @@
 //! Devices and the per-device context.
 use std::sync::Arc;
 
-use crate::cuda::CudaCtx;
+use crate::cuda::{CudaCtx, StreamKind};
 use crate::{Error, Result};
 
 /// Where a tensor lives.
@@ -107,11 +107,67 @@ impl Ctx {
         }
     }
 
+    /// An event marking the work queued so far on stream `on` (on the CPU,
+    /// where everything is synchronous, an empty event).
+    pub fn record(&self, on: StreamKind) -> Result<Event> {
+        Ok(Event(match self.cuda_ctx() {
+            Some(c) => Some(c.record(on)?),
+            None => None,
+        }))
+    }
+
+    /// Makes stream `waiter` wait for `event` without blocking the host.
+    pub fn wait(&self, waiter: StreamKind, event: &Event) -> Result<()> {
+        match (self.cuda_ctx(), &event.0) {
+            (Some(c), Some(e)) => c.wait_event(waiter, e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes stream `waiter` wait for all work queued so far on stream `on`.
+    pub fn wait_for(&self, waiter: StreamKind, on: StreamKind) -> Result<()> {
+        match self.cuda_ctx() {
+            Some(c) if waiter != on => c.wait_for(waiter, on),
+            _ => Ok(()),
+        }
+    }
+
     /// Waits until all work queued on this context's streams has finished.
     pub fn synchronize(&self) -> Result<()> {
         match &*self.0 {
             Inner::Cpu => Ok(()),
             Inner::Cuda(c) => c.synchronize(),
         }
+    }
+}
+
+/// A point in a stream's queue ([`Ctx::record`]): other streams wait for it
+/// ([`Ctx::wait`]) and the host can block on it ([`Event::synchronize`]).
+pub struct Event(Option<cudarc::driver::CudaEvent>);
+
+impl Event {
+    /// An event that is already complete.
+    pub fn done() -> Self {
+        Event(None)
+    }
+
+    /// Blocks the host until the recorded work has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.0 {
+            Some(e) => e
+                .synchronize()
+                .map_err(|e| Error::cuda("cuEventSynchronize", e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Event(cuda)"
+        } else {
+            "Event(done)"
+        })
     }
 }

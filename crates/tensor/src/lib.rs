@@ -24,10 +24,14 @@ mod device;
 mod dtype;
 mod error;
 pub mod ops;
+mod pinned;
+pub mod store;
 mod tensor;
 
-pub use device::{cuda_device_count, Ctx, Device};
+pub use cuda::StreamKind;
+pub use device::{cuda_device_count, Ctx, Device, Event};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use pinned::PinnedPool;
 pub use tensor::{numel, Tensor};

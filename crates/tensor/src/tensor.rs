@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::result as dr;
 
-use crate::cuda::DeviceBlock;
+use crate::cuda::{DeviceBlock, StreamKind};
 use crate::{Ctx, DType, Device, Element, Error, Result};
 
 const HOST_ALIGN: usize = 64;
@@ -482,6 +482,15 @@ impl Tensor {
     /// Host<->device copies go on `ctx`'s compute stream; pinned host memory
     /// makes them asynchronous.
     pub fn copy_from(&mut self, ctx: &Ctx, src: &Tensor) -> Result<()> {
+        self.copy_from_on(ctx, src, StreamKind::Compute)
+    }
+
+    /// [`Tensor::copy_from`] queued on stream `on` of `ctx` (the copy stream
+    /// overlaps compute). The caller orders it against other streams with
+    /// events ([`Ctx::record`], [`Ctx::wait`]); device storage touched here
+    /// is marked as used on `on`, so freeing it stays safe. A copy into
+    /// pageable host memory waits for the stream before returning.
+    pub fn copy_from_on(&mut self, ctx: &Ctx, src: &Tensor, on: StreamKind) -> Result<()> {
         if src.dtype != self.dtype {
             return Err(Error::DType {
                 op: "copy",
@@ -525,32 +534,55 @@ impl Tensor {
                     }
                 }
                 cu.bind()?;
-                let stream = cu.compute().cu_stream();
-                // SAFETY: pointers are live for n bytes; ordering on the compute
-                // stream. Pageable host memory makes the driver stage the copy.
+                let stream = cu.stream(on);
+                self.mark_used_on(stream);
+                src.mark_used_on(stream);
+                let raw = stream.cu_stream();
+                // SAFETY: pointers are live for n bytes; ordering on `stream`.
+                // Pageable host memory makes the driver stage the copy.
                 unsafe {
                     match (dd, sd) {
                         (Device::Cpu, _) => {
                             let dst = std::slice::from_raw_parts_mut(self.host_ptr("copy")?, n);
-                            dr::memcpy_dtoh_async(dst, src.device_ptr()?, stream)
+                            dr::memcpy_dtoh_async(dst, src.device_ptr()?, raw)
                         }
                         (_, Device::Cpu) => {
                             let s = std::slice::from_raw_parts(src.host_ptr("copy")?, n);
-                            dr::memcpy_htod_async(self.device_ptr()?, s, stream)
+                            dr::memcpy_htod_async(self.device_ptr()?, s, raw)
                         }
-                        _ => {
-                            dr::memcpy_dtod_async(self.device_ptr()?, src.device_ptr()?, n, stream)
-                        }
+                        _ => dr::memcpy_dtod_async(self.device_ptr()?, src.device_ptr()?, n, raw),
                     }
                 }
                 .map_err(|e| Error::cuda("cuMemcpyAsync", e))?;
                 if dd == Device::Cpu && !self.is_pinned() {
-                    cu.compute()
+                    stream
                         .synchronize()
                         .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// Marks device storage as used by work on `stream` (see
+    /// [`crate::cuda::DeviceBlock::used_on`]).
+    fn mark_used_on(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) {
+        if let Storage::Cuda { block, .. } = &*self.storage {
+            block.used_on(stream);
+        }
+    }
+
+    /// Marks this tensor's device storage as used by the work queued so far
+    /// on stream `on` of `ctx` (kernels or collectives the caller launched
+    /// there), so that freeing it orders its reuse after that work.
+    pub fn record_stream(&self, ctx: &Ctx, on: StreamKind) {
+        if let Some(cu) = ctx.cuda_ctx() {
+            self.mark_used_on(cu.stream(on));
+        }
+    }
+
+    /// Whether `self` and `other` are views of the same storage.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
     }
 }

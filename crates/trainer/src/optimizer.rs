@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use llmft_lora::Adapter;
-use llmft_models::{Grads, Model};
+use llmft_models::{Grads, Model, Unit};
 use llmft_tensor::ops::{self, AdamWParams, TableCache};
 use llmft_tensor::{Ctx, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -28,7 +28,7 @@ struct Moments {
 #[derive(Debug)]
 struct Master {
     /// The model unit whose blob holds the weight.
-    unit: usize,
+    unit: Unit,
     /// The f32 values the optimizer updates.
     value: Tensor,
     /// `value` is the model's f32 blob view itself (updated in place); else
@@ -171,16 +171,22 @@ impl Optimizer {
     /// Trains the model's own weights `names` (each with the unit whose blob
     /// holds it): keeps an f32 master of each — the blob view itself for f32
     /// blobs, else an f32 copy written back after every update.
-    pub fn track_weights(&mut self, model: &Model, names: &[(usize, String)]) -> Result<()> {
+    pub fn track_weights(&mut self, model: &Model, names: &[(Unit, String)]) -> Result<()> {
         let ctx = model.ctx();
         for (unit, name) in names {
-            let view = model.unit(*unit)?.get(name)?;
-            let (value, in_place) = if view.dtype() == DType::F32 {
-                (view, true)
-            } else {
-                let mut m = Tensor::zeros(ctx, DType::F32, view.shape())?;
-                ops::cast(ctx, &view, &mut m)?;
-                (m, false)
+            let device_f32 = model
+                .store()
+                .device_view(*unit, name)
+                .filter(|v| v.dtype() == DType::F32);
+            let (value, in_place) = match device_f32 {
+                Some(view) => (view, true),
+                None => {
+                    let u = model.unit(*unit)?;
+                    let view = u.get(name)?;
+                    let mut m = Tensor::zeros(ctx, DType::F32, view.shape())?;
+                    ops::cast(ctx, &view, &mut m)?;
+                    (m, false)
+                }
             };
             self.masters.insert(
                 name.clone(),
@@ -375,10 +381,7 @@ impl Optimizer {
                 )?;
             }
             for (name, m) in &self.masters {
-                if !m.in_place {
-                    let mut dst = model.unit(m.unit)?.get(name)?;
-                    ops::cast(ctx, &m.value, &mut dst)?;
-                }
+                write_back(model, name, m)?;
             }
         }
         // The update zeroed the gradients of every master.
@@ -454,10 +457,7 @@ impl Optimizer {
                 )));
             }
             m.value.copy_from_host_bytes(ctx, view.data())?;
-            if !m.in_place {
-                let mut dst = model.unit(m.unit)?.get(name)?;
-                ops::cast(ctx, &m.value, &mut dst)?;
-            }
+            write_back(model, name, m)?;
         }
         Ok(())
     }
@@ -526,6 +526,23 @@ impl Optimizer {
 
 /// Creates zeroed moments for parameter `name` on first use; checks their
 /// shape against `param`'s.
+/// Writes a master's value into the model's weight `name` (cast to the
+/// blob's dtype): in place where the store keeps the weight on the device,
+/// else through the store.
+fn write_back(model: &Model, name: &str, m: &Master) -> Result<()> {
+    if m.in_place {
+        return Ok(());
+    }
+    let ctx = model.ctx();
+    if let Some(mut dst) = model.store().device_view(m.unit, name) {
+        return Ok(ops::cast(ctx, &m.value, &mut dst)?);
+    }
+    let dtype = model.store().layout(m.unit)?.entry(name).map(|e| e.dtype);
+    let mut cast = Tensor::empty(ctx, dtype.unwrap_or(DType::F32), m.value.shape())?;
+    ops::cast(ctx, &m.value, &mut cast)?;
+    Ok(model.write_weight(m.unit, name, &cast)?)
+}
+
 fn ensure_state(
     ctx: &Ctx,
     state: &mut BTreeMap<String, Moments>,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use llmft_data::Cursor;
 use llmft_lora::Adapter;
-use llmft_models::{Grads, Model, ModelBatch};
+use llmft_models::{Grads, Model, ModelBatch, Unit};
 use llmft_tensor::DType;
 use serde::Serialize;
 
@@ -79,7 +79,7 @@ pub struct Trainer {
 /// every tensor of every unit for `full`; those of the last `n` decoder
 /// layers (`model.layers.{i}.*`, i ≥ L − n) for `freeze`. The base must be
 /// dense and carry no adapter; the errors name `train_type`.
-fn trainable_weights(config: &TrainConfig, model: &Model) -> Result<Vec<(usize, String)>> {
+fn trainable_weights(config: &TrainConfig, model: &Model) -> Result<Vec<(Unit, String)>> {
     let tt = type_name(config.train_type);
     if model.adapter().is_some() {
         return Err(Error::Config(format!(
@@ -104,7 +104,7 @@ fn trainable_weights(config: &TrainConfig, model: &Model) -> Result<Vec<(usize, 
     };
     let mut out = Vec::new();
     for u in units {
-        let w = model.unit(u)?;
+        let w = model.unit(Unit::from_index(u, c.num_units()))?;
         for (name, _) in c.unit_tensors(u) {
             if w.quantized(&name).is_some() {
                 return Err(Error::Config(format!(
@@ -112,7 +112,7 @@ fn trainable_weights(config: &TrainConfig, model: &Model) -> Result<Vec<(usize, 
                      (load the model with quant = \"none\")"
                 )));
             }
-            out.push((u, name));
+            out.push((Unit::from_index(u, c.num_units()), name));
         }
     }
     Ok(out)
@@ -312,7 +312,7 @@ impl Trainer {
     pub fn evaluate(&self, model: &Model, batches: &[ModelBatch]) -> Result<EvalStats> {
         let (mut sum, mut tokens) = (0.0, 0usize);
         for b in batches {
-            let s = model.forward_backward(b, None, None)?;
+            let s = model.forward_loss(b, None)?;
             sum += s.loss_sum;
             tokens += s.tokens;
         }

@@ -21,7 +21,9 @@ fn model(ctx: &Ctx, dtype: DType) -> Model {
 fn weights(model: &Model) -> Vec<(String, Vec<u32>)> {
     let mut out = Vec::new();
     for u in 0..model.config.num_units() {
-        let w = model.unit(u).unwrap();
+        let w = model
+            .unit(llmft_models::Unit::from_index(u, model.config.num_units()))
+            .unwrap();
         for (name, _) in model.config.unit_tensors(u) {
             let bits = w
                 .get(&name)

@@ -2,13 +2,15 @@
 //! are handed out again, so steady-state training never calls cudaMalloc.
 //!
 //! Blocks are ordered on the compute stream: a block freed there may be reused
-//! by later work on the same stream without synchronization. Work on other
-//! streams that touches a block must be joined to the compute stream (events)
-//! before the block is dropped.
+//! by later work on the same stream without synchronization. A block that
+//! other streams touched (a copy on the copy stream, a collective on the comm
+//! stream) is marked with [`DeviceBlock::used_on`]; when it is dropped, the
+//! compute stream is made to wait for those streams' work queued so far, so
+//! whatever reuses the block next runs after them.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{result as dr, sys as dsys, CudaContext, DriverError};
+use cudarc::driver::{result as dr, sys as dsys, CudaContext, CudaStream, DriverError};
 
 use crate::{Device, Error, Result};
 
@@ -33,6 +35,7 @@ pub struct AllocStats {
 pub struct CachingAllocator {
     context: Arc<CudaContext>,
     ordinal: usize,
+    compute: Arc<CudaStream>,
     state: Mutex<State>,
 }
 
@@ -48,6 +51,8 @@ pub struct DeviceBlock {
     ptr: u64,
     size: usize,
     alloc: Arc<CachingAllocator>,
+    /// Streams other than the compute stream that used the block.
+    used_on: Mutex<Vec<Arc<CudaStream>>>,
 }
 
 impl DeviceBlock {
@@ -59,10 +64,26 @@ impl DeviceBlock {
     pub fn size(&self) -> usize {
         self.size
     }
+
+    /// Marks the block as used by work queued on `stream` (besides the
+    /// compute stream), so that freeing it orders its reuse after that work.
+    pub fn used_on(&self, stream: &Arc<CudaStream>) {
+        if Arc::ptr_eq(stream, &self.alloc.compute) {
+            return;
+        }
+        let mut u = self.used_on.lock().unwrap();
+        if !u.iter().any(|s| Arc::ptr_eq(s, stream)) {
+            u.push(stream.clone());
+        }
+    }
 }
 
 impl Drop for DeviceBlock {
     fn drop(&mut self) {
+        for s in self.used_on.get_mut().unwrap().drain(..) {
+            // A failure here means the context is broken; the next launch reports it.
+            let _ = self.alloc.compute.join(&s);
+        }
         let mut st = self.alloc.state.lock().unwrap();
         st.stats.in_use -= self.size;
         st.stats.cached += self.size;
@@ -81,10 +102,11 @@ pub fn size_class(bytes: usize) -> usize {
 }
 
 impl CachingAllocator {
-    pub(crate) fn new(context: Arc<CudaContext>, ordinal: usize) -> Self {
+    pub(crate) fn new(context: Arc<CudaContext>, ordinal: usize, compute: Arc<CudaStream>) -> Self {
         Self {
             context,
             ordinal,
+            compute,
             state: Mutex::new(State::default()),
         }
     }
@@ -113,6 +135,7 @@ impl CachingAllocator {
                     ptr,
                     size,
                     alloc: self.clone(),
+                    used_on: Mutex::new(Vec::new()),
                 });
             }
         }
@@ -136,6 +159,7 @@ impl CachingAllocator {
             ptr,
             size,
             alloc: self.clone(),
+            used_on: Mutex::new(Vec::new()),
         })
     }
 

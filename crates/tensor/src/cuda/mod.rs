@@ -106,7 +106,11 @@ impl CudaCtx {
         let sms = context
             .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))? as usize;
-        let alloc = Arc::new(CachingAllocator::new(context.clone(), ordinal));
+        let alloc = Arc::new(CachingAllocator::new(
+            context.clone(),
+            ordinal,
+            compute.clone(),
+        ));
         Ok(Self {
             ordinal,
             sms,
@@ -166,6 +170,20 @@ impl CudaCtx {
     pub fn wait_for(&self, waiter: StreamKind, on: StreamKind) -> Result<()> {
         self.stream(waiter)
             .join(self.stream(on))
+            .map_err(|e| Error::cuda("cuStreamWaitEvent", e))
+    }
+
+    /// Records the work queued so far on stream `on` into a new event.
+    pub fn record(&self, on: StreamKind) -> Result<cudarc::driver::CudaEvent> {
+        self.stream(on)
+            .record_event(None)
+            .map_err(|e| Error::cuda("cuEventRecord", e))
+    }
+
+    /// Makes stream `waiter` wait for `event` (no host synchronization).
+    pub fn wait_event(&self, waiter: StreamKind, event: &cudarc::driver::CudaEvent) -> Result<()> {
+        self.stream(waiter)
+            .wait(event)
             .map_err(|e| Error::cuda("cuStreamWaitEvent", e))
     }
 
