@@ -51,6 +51,15 @@ pub struct BenchArgs {
     /// Bit-reproducible attention backward (train.deterministic).
     #[arg(long)]
     deterministic: bool,
+    /// Frozen weights in pinned host memory, streamed in ahead of use (offload.params).
+    #[arg(long)]
+    offload_params: bool,
+    /// Checkpointed layer records in pinned host memory (offload.activations).
+    #[arg(long)]
+    offload_activations: bool,
+    /// Units prefetched ahead under --offload-params (offload.lookahead).
+    #[arg(long, default_value_t = 1)]
+    lookahead: usize,
     /// Optimizer steps run, warm-up included.
     #[arg(long, default_value_t = 12)]
     steps: usize,
@@ -127,8 +136,15 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     // The weights: quantized while they are drawn, one tensor at a time.
     let quant = crate::quant_of(train_type.quant_name())?;
     let t_load = Instant::now();
-    let mut model = Model::random_quantized(config.clone(), &ctx, dtype, a.seed, quant.as_ref())
+    let offload = crate::config::OffloadSettings {
+        params: a.offload_params,
+        activations: a.offload_activations,
+        lookahead: a.lookahead,
+    };
+    let builder = crate::store_builder(&ctx, &offload, config.num_units())?;
+    let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;
+    model.offload_activations = a.offload_activations;
     model.checkpointing = a.checkpointing;
     model.checkpoint_keep_attention = a.keep_attention;
     model.checkpoint_skip_layers = a.skip_layers;
@@ -227,6 +243,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let achieved = |per_token: f64| per_token * tokens_per_s / 1e12;
     let mfu = |per_token: f64| ceiling.map(|c| achieved(per_token) / c);
     let alloc = cu.map(|c| c.allocator().stats());
+    let store_bytes = model.store().bytes();
     let out = json!({
         "impl": "llmft",
         "model": a.model,
@@ -269,6 +286,25 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "device_used_gib": cu.map(|_| device_used_max as f64 / GIB),
         "load_s": load_s,
     });
+    let mut out = out;
+    let memory = json!({
+        "world_size": 1,
+        "simulated": false,
+        "offload": {
+            "params": a.offload_params,
+            "activations": a.offload_activations,
+            "optimizer": false,
+            "lookahead": a.lookahead,
+        },
+        "store_device_gib": store_bytes.device as f64 / GIB,
+        "store_host_gib": store_bytes.host as f64 / GIB,
+        "store_buffers_gib": store_bytes.buffers as f64 / GIB,
+        "pinned_activations_gib": model.pinned_activation_bytes() as f64 / GIB,
+        "host_rss_peak_gib": host_rss_peak().map(|b| b as f64 / GIB),
+    });
+    if let (Some(o), Some(m)) = (out.as_object_mut(), memory.as_object()) {
+        o.extend(m.clone());
+    }
     let text = out.to_string();
     println!("{text}");
     if let Some(p) = &a.json {
@@ -375,6 +411,14 @@ fn gemm_ceiling(ctx: &Ctx, dtype: DType, n: usize) -> llmft_tensor::Result<f64> 
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e12)
+}
+
+/// The process's peak resident set (`VmHWM` of /proc/self/status), in bytes.
+fn host_rss_peak() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn median(v: &[f64]) -> f64 {

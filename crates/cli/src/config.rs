@@ -53,6 +53,30 @@ impl Default for ModelSettings {
     }
 }
 
+/// What lives in host memory instead of the GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffloadSettings {
+    /// Frozen base weights in pinned host memory, each unit copied to the
+    /// GPU just ahead of use (overlapping compute) into reused buffers.
+    pub params: bool,
+    /// Under checkpointing, each layer's kept input and attention record in
+    /// pinned host memory between its forward and its backward.
+    pub activations: bool,
+    /// With `params`: units copied ahead of the one computing (at least 1).
+    pub lookahead: usize,
+}
+
+impl Default for OffloadSettings {
+    fn default() -> Self {
+        Self {
+            params: false,
+            activations: false,
+            lookahead: 1,
+        }
+    }
+}
+
 /// Everything `llmft` reads from configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -65,10 +89,12 @@ pub struct Settings {
     pub data: DataConfig,
     /// The training run: recipe, optimizer, schedule, checkpoints.
     pub train: TrainConfig,
+    /// Host-memory offload of weights and activations.
+    pub offload: OffloadSettings,
 }
 
 /// Sections a `LLMFT_<SECTION>__...` variable may address.
-const SECTIONS: &[&str] = &["model", "lora", "data", "train"];
+const SECTIONS: &[&str] = &["model", "lora", "data", "train", "offload"];
 
 /// Keys whose values are free-form maps (any sub-key is valid).
 const OPEN_MAPS: &[&str] = &["lora.rank_pattern", "lora.alpha_pattern"];

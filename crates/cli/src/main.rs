@@ -231,6 +231,23 @@ fn merge(
 }
 
 /// The quantization of `model.quant`.
+/// The store a model's units are loaded into: offloaded to pinned host
+/// memory when `offload.params` is set, else resident on `ctx`.
+fn store_builder(
+    ctx: &Ctx,
+    offload: &config::OffloadSettings,
+    num_units: usize,
+) -> Result<Box<dyn llmft_models::StoreBuilder>, String> {
+    if !offload.params {
+        return Ok(llmft_models::Resident::builder(ctx, num_units));
+    }
+    let cfg = llmft_offload::OffloadedConfig {
+        lookahead: offload.lookahead,
+        ..Default::default()
+    };
+    llmft_offload::Offloaded::builder(ctx, num_units, cfg).map_err(|e| e.to_string())
+}
+
 fn quant_of(name: &str) -> Result<Option<llmft_quant::QuantConfig>, String> {
     use llmft_quant::QuantConfig;
     Ok(match name {

@@ -187,8 +187,11 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         println!("validation: {}", v.stats());
     }
 
-    let mut model =
-        Model::from_dir_quantized(&dir, &ctx, dtype, quant.as_ref()).map_err(|e| e.to_string())?;
+    let mut model = Model::from_dir_into(&dir, &ctx, dtype, quant.as_ref(), &mut |n| {
+        crate::store_builder(&ctx, &s.offload, n).map_err(llmft_models::Error::Invalid)
+    })
+    .map_err(|e| e.to_string())?;
+    model.offload_activations = s.offload.activations;
     model.checkpointing = s.model.checkpointing;
     model.checkpoint_keep_attention = s.model.checkpoint_keep_attention;
     model.checkpoint_skip_layers = s.model.checkpoint_skip_layers;

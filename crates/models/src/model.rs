@@ -271,7 +271,7 @@ impl Saved {
         Ok(())
     }
 
-    fn to_host(&mut self, stash: &mut Stash) -> Result<()> {
+    fn send_to_host(&mut self, stash: &mut Stash) -> Result<()> {
         self.map(&mut |t| stash.out(t))?;
         self.place = Place::Host;
         Ok(())
@@ -835,7 +835,7 @@ impl Model {
             // The last recomputed layer's backward comes next: it stays.
             stash.settle();
             if self.offload_activations && i < recomputed && i + 1 < l {
-                s.to_host(&mut stash)?;
+                s.send_to_host(&mut stash)?;
             }
             saved.push(s);
             x = y;

@@ -345,9 +345,13 @@ pub struct Resident {
 fn unit_slot<T>(slots: &[T], unit: Unit) -> Result<&T> {
     let n = slots.len();
     let i = unit.index(n);
+    let in_range = match unit {
+        Unit::Layer(l) => l + 2 < n,
+        _ => n >= 2,
+    };
     slots
         .get(i)
-        .filter(|_| n >= 2)
+        .filter(|_| in_range)
         .ok_or_else(|| Error::Invalid {
             op: "store",
             msg: format!("no {unit} in a store of {n} units"),
