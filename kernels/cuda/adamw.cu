@@ -9,11 +9,14 @@
 __device__ __forceinline__ float adamw_elem(float* p, float graw, float* m, float* v, long long i,
                                             float b1, float b2, float eps, float bc2_sqrt,
                                             float gscale, float step, float decay) {
-    float g = graw * gscale;
-    float mi = b1 * m[i] + (1.f - b1) * g;
-    float vi = b2 * v[i] + (1.f - b2) * g * g;
-    float pi = p[i] * decay;
-    pi -= step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    // Explicitly rounded operations (no contraction into FMAs), so the
+    // update is bit-identical to the host's (CPU reference, CpuAdamW of
+    // optimizer offload).
+    float g = __fmul_rn(graw, gscale);
+    float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(1.f - b1, g));
+    float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(1.f - b2, g), g));
+    float pi = __fmul_rn(p[i], decay);
+    pi = __fsub_rn(pi, __fdiv_rn(__fmul_rn(step, mi), __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps)));
     m[i] = mi;
     v[i] = vi;
     p[i] = pi;
@@ -23,8 +26,8 @@ template <typename E>
 __device__ void adamw_body(float* p, const typename E::T* grad, float* m, float* v, bf16_t* p16,
                            long long n, float lr, float b1, float b2, float eps, float wd,
                            float bc1, float bc2_sqrt, float gscale) {
-    float step = lr / bc1;
-    float decay = 1.f - lr * wd;
+    float step = __fdiv_rn(lr, bc1);
+    float decay = __fsub_rn(1.f, __fmul_rn(lr, wd));
     GRID_STRIDE(i, 0, n) {
         float pi = adamw_elem(p, E::load(grad, i), m, v, i, b1, b2, eps, bc2_sqrt, gscale, step, decay);
         if (p16) p16[i] = f32_to_bf16(pi);
@@ -47,8 +50,8 @@ template <typename E>
 __device__ void adamw_multi_body(const u64_t* tab, int T, long long chunks, long long chunk,
                                  int zero, float lr, float b1, float b2, float eps, float wd,
                                  float bc1, float bc2_sqrt, float gscale) {
-    float step = lr / bc1;
-    float decay = 1.f - lr * wd;
+    float step = __fdiv_rn(lr, bc1);
+    float decay = __fsub_rn(1.f, __fmul_rn(lr, wd));
     const u64_t* cs = tab + 5 * (long long)T;
     for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         int t = multi_owner(cs, T, c);

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// Checkpointed layer records in pinned host memory (offload.activations).
     #[arg(long)]
     offload_activations: bool,
+    /// AdamW state in host memory, the update on the host (offload.optimizer).
+    #[arg(long)]
+    offload_optimizer: bool,
     /// Units prefetched ahead under --offload-params (offload.lookahead).
     #[arg(long, default_value_t = 1)]
     lookahead: usize,
@@ -139,6 +142,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let offload = crate::config::OffloadSettings {
         params: a.offload_params,
         activations: a.offload_activations,
+        optimizer: a.offload_optimizer,
         lookahead: a.lookahead,
     };
     let builder = crate::store_builder(&ctx, &offload, config.num_units())?;
@@ -191,6 +195,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         schedule: ScheduleKind::Constant,
         checkpoint_every: 0,
         seed: a.seed,
+        optimizer_on_host: a.offload_optimizer.then_some(0),
         ..TrainConfig::default()
     };
     let mut trainer =
@@ -244,6 +249,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let mfu = |per_token: f64| ceiling.map(|c| achieved(per_token) / c);
     let alloc = cu.map(|c| c.allocator().stats());
     let store_bytes = model.store().bytes();
+    let trained_sha256 = adapter_digest(&model).map_err(|e| e.to_string())?;
     let out = json!({
         "impl": "llmft",
         "model": a.model,
@@ -293,7 +299,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "offload": {
             "params": a.offload_params,
             "activations": a.offload_activations,
-            "optimizer": false,
+            "optimizer": a.offload_optimizer,
             "lookahead": a.lookahead,
         },
         "store_device_gib": store_bytes.device as f64 / GIB,
@@ -301,6 +307,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "store_buffers_gib": store_bytes.buffers as f64 / GIB,
         "pinned_activations_gib": model.pinned_activation_bytes() as f64 / GIB,
         "host_rss_peak_gib": host_rss_peak().map(|b| b as f64 / GIB),
+        "losses": losses,
+        "trained_sha256": trained_sha256,
     });
     if let (Some(o), Some(m)) = (out.as_object_mut(), memory.as_object()) {
         o.extend(m.clone());
@@ -411,6 +419,26 @@ fn gemm_ceiling(ctx: &Ctx, dtype: DType, n: usize) -> llmft_tensor::Result<f64> 
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e12)
+}
+
+/// SHA-256 of the adapter's parameters after the run (every module in
+/// name order, f32 bytes), so runs that must agree bit for bit can be
+/// compared; `None` without an adapter.
+fn adapter_digest(model: &Model) -> Result<Option<String>, llmft_tensor::Error> {
+    use sha2::Digest;
+    let Some(a) = model.adapter() else {
+        return Ok(None);
+    };
+    let mut h = sha2::Sha256::new();
+    for (name, l) in &a.layers {
+        h.update(name.as_bytes());
+        for p in l.params() {
+            for v in p.to_f32_vec()? {
+                h.update(v.to_le_bytes());
+            }
+        }
+    }
+    Ok(Some(format!("{:x}", h.finalize())))
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), in bytes.

@@ -63,7 +63,10 @@ pub struct OffloadSettings {
     /// Under checkpointing, each layer's kept input and attention record in
     /// pinned host memory between its forward and its backward.
     pub activations: bool,
-    /// With `params`: units copied ahead of the one computing (at least 1).
+    /// AdamW's f32 moments (and full training's f32 masters) in pinned host
+    /// memory, the update on the host's cores (ZeRO-Offload style).
+    pub optimizer: bool,
+    /// With `params`: units copied ahead of the one computing.
     pub lookahead: usize,
 }
 
@@ -72,6 +75,7 @@ impl Default for OffloadSettings {
         Self {
             params: false,
             activations: false,
+            optimizer: false,
             lookahead: 1,
         }
     }

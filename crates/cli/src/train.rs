@@ -241,7 +241,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         config: &s.data,
     };
     let summary =
-        llmft_trainer::train(&mut model, s.train.clone(), run_data, &opts).map_err(|e| {
+        llmft_trainer::train(&mut model, train_config(&s), run_data, &opts).map_err(|e| {
             if llmft_trainer::is_out_of_memory(&e) {
                 format!("{e}{}", oom_advice(&s))
             } else {
@@ -313,5 +313,14 @@ pub fn auto_dtype(device: Device, sm_major: Option<u32>) -> DType {
         (Device::Cpu, _) => DType::F32,
         (_, Some(m)) if m < 8 => DType::F16,
         _ => DType::BF16,
+    }
+}
+
+/// The trainer's configuration: `train.*`, with `offload.optimizer` moving
+/// the optimizer to the host (every core).
+fn train_config(s: &crate::config::Settings) -> llmft_trainer::TrainConfig {
+    llmft_trainer::TrainConfig {
+        optimizer_on_host: s.offload.optimizer.then_some(0),
+        ..s.train.clone()
     }
 }

@@ -115,6 +115,12 @@ pub struct TrainConfig {
     /// `llmft_tensor::ops::set_deterministic_attention`; a slower backward).
     /// Default false.
     pub deterministic: bool,
+    /// Host threads of an optimizer offloaded to host memory (the CLI's
+    /// `offload.optimizer`, ZeRO-Offload style: f32 masters and moments in
+    /// pinned host memory, AdamW on the host); `None` keeps it on the
+    /// device, `Some(0)` uses every core. Not a `train.*` key.
+    #[serde(skip)]
+    pub optimizer_on_host: Option<usize>,
     /// Save a checkpoint every N steps (and at the end); 0 = only at the end. Default 500.
     pub checkpoint_every: u64,
     /// Checkpoints kept (the oldest are deleted); 0 keeps all. Default 2.
@@ -152,6 +158,7 @@ impl Default for TrainConfig {
             seed: 42,
             nan_policy: NanPolicy::Skip,
             deterministic: false,
+            optimizer_on_host: None,
             checkpoint_every: 500,
             keep_last: 2,
             output_dir: PathBuf::from("output"),

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use llmft_lora::Adapter;
 use llmft_models::{Grads, Model, Unit};
+use llmft_offload::{AdamWTensor, CpuAdamW, Grad};
 use llmft_tensor::ops::{self, AdamWParams, TableCache};
 use llmft_tensor::{Ctx, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -17,11 +18,25 @@ use crate::{Error, Result};
 /// Names of an adapter's parameters in the order of `LoraLinear::params`.
 const LORA_PARTS: [&str; 3] = ["lora_A", "lora_B", "lora_magnitude_vector"];
 
-/// First and second moments of one parameter.
+/// First and second moments of one parameter (on the device, or in host
+/// memory under optimizer offload).
 #[derive(Debug)]
 struct Moments {
     m: Tensor,
     v: Tensor,
+    /// Under optimizer offload: the pinned host copies the host step works
+    /// on (see [`HostCopies`]); made on first use.
+    host: Option<HostCopies>,
+}
+
+/// Pinned host buffers of one parameter under optimizer offload.
+#[derive(Debug)]
+struct HostCopies {
+    /// The f32 master, when the parameter itself lives on the device (an
+    /// adapter's A/B): the host step updates it and it is copied back up.
+    master: Option<Tensor>,
+    /// The gradient, copied down before the host step.
+    grad: Tensor,
 }
 
 /// The f32 master of one of the model's own weights.
@@ -144,6 +159,9 @@ pub struct Optimizer {
     /// f32 masters of the model's own trainable weights, by HF name.
     masters: BTreeMap<String, Master>,
     tables: Tables,
+    /// `offload.optimizer`: moments and f32 masters in host memory, the
+    /// AdamW step on the host's cores.
+    host: Option<CpuAdamW>,
 }
 
 impl Optimizer {
@@ -160,7 +178,33 @@ impl Optimizer {
             state: BTreeMap::new(),
             masters: BTreeMap::new(),
             tables: Tables::default(),
+            host: None,
         }
+    }
+
+    /// Moves the optimizer to the host (`offload.optimizer`, ZeRO-Offload
+    /// style): moments and f32 masters live in pinned host memory, each
+    /// step copies the gradients down, runs AdamW on `threads` host threads
+    /// (0: all cores) and copies the updated parameters back. Call before
+    /// the first step and before [`Optimizer::track_weights`].
+    pub fn offload_to_host(&mut self, threads: usize) -> Result<()> {
+        if self.step > 0 || !self.state.is_empty() || !self.masters.is_empty() {
+            return Err(Error::Config(
+                "offload.optimizer must be chosen before the optimizer has state".into(),
+            ));
+        }
+        let adam = match threads {
+            0 => CpuAdamW::new(),
+            n => CpuAdamW::with_threads(n),
+        }
+        .map_err(|e| Error::Config(format!("offload.optimizer: {e}")))?;
+        self.host = Some(adam);
+        Ok(())
+    }
+
+    /// Whether the optimizer runs on the host.
+    pub fn is_offloaded(&self) -> bool {
+        self.host.is_some()
     }
 
     /// Updates applied so far.
@@ -179,8 +223,18 @@ impl Optimizer {
                 .device_view(*unit, name)
                 .filter(|v| v.dtype() == DType::F32);
             let (value, in_place) = match device_f32 {
-                Some(view) => (view, true),
-                None => {
+                Some(view) if self.host.is_none() => (view, true),
+                _ if self.host.is_some() => {
+                    let u = model.unit(*unit)?;
+                    let view = u.get(name)?;
+                    let mut f = Tensor::zeros(ctx, DType::F32, view.shape())?;
+                    ops::cast(ctx, &view, &mut f)?;
+                    let mut m = Tensor::zeros_pinned(ctx, DType::F32, view.shape())?;
+                    m.copy_from(ctx, &f)?;
+                    ctx.synchronize()?;
+                    (m, false)
+                }
+                _ => {
                     let u = model.unit(*unit)?;
                     let view = u.get(name)?;
                     let mut m = Tensor::zeros(ctx, DType::F32, view.shape())?;
@@ -308,7 +362,7 @@ impl Optimizer {
                 })?;
                 for (i, (p, g)) in layer.params_mut().into_iter().zip(g.tensors()).enumerate() {
                     let name = format!("{module}.{}", LORA_PARTS[i]);
-                    ensure_state(ctx, &mut self.state, &name, p)?;
+                    ensure_state(ctx, self.host.is_some(), &mut self.state, &name, p)?;
                     let grp = &mut groups[usize::from(i >= 2)];
                     grp.names.push(name);
                     grp.params.push(p);
@@ -318,7 +372,14 @@ impl Optimizer {
             }
             for (k, grp) in groups.into_iter().enumerate() {
                 let hp = self.hparams(lr, verdict.grad_scale, k == 0);
-                update(ctx, &mut self.state, grp, &hp, &mut self.tables.adamw[k])?;
+                match &self.host {
+                    None => update(ctx, &mut self.state, grp, &hp, &mut self.tables.adamw[k])?,
+                    Some(adam) => update_on_host(ctx, adam, &mut self.state, grp, &hp)?,
+                }
+            }
+            if self.host.is_some() {
+                // The host step read copies: the device gradients are zeroed below.
+                updated.clear();
             }
         }
         zero_grads(
@@ -365,27 +426,30 @@ impl Optimizer {
             let mut groups: [Group; 2] = Default::default();
             for (name, m) in self.masters.iter_mut() {
                 let g = grads.get(name).expect("checked above");
-                ensure_state(ctx, &mut self.state, name, &m.value)?;
+                ensure_state(ctx, self.host.is_some(), &mut self.state, name, &m.value)?;
                 let grp = &mut groups[usize::from(!decays(name))];
                 grp.names.push(name.clone());
                 grp.params.push(&mut m.value);
                 grp.grads.push(g.clone());
             }
             for (k, grp) in groups.into_iter().enumerate() {
-                update(
-                    ctx,
-                    &mut self.state,
-                    grp,
-                    &hps[k],
-                    &mut self.tables.adamw[k],
-                )?;
+                match &self.host {
+                    None => update(
+                        ctx,
+                        &mut self.state,
+                        grp,
+                        &hps[k],
+                        &mut self.tables.adamw[k],
+                    )?,
+                    Some(adam) => update_on_host(ctx, adam, &mut self.state, grp, &hps[k])?,
+                }
             }
             for (name, m) in &self.masters {
                 write_back(model, name, m)?;
             }
         }
-        // The update zeroed the gradients of every master.
-        let updated: BTreeSet<&str> = match verdict.finite {
+        // The update zeroed the gradients of every master (not the host step).
+        let updated: BTreeSet<&str> = match verdict.finite && self.host.is_none() {
             true => self.masters.keys().map(String::as_str).collect(),
             false => BTreeSet::new(),
         };
@@ -493,7 +557,12 @@ impl Optimizer {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            tensors.insert(key, Tensor::from_slice(ctx, &data, view.shape())?);
+            let t = Tensor::from_slice(ctx, &data, view.shape())?;
+            let t = match self.host {
+                Some(_) => t.to_ctx(&Ctx::cpu())?,
+                None => t,
+            };
+            tensors.insert(key, t);
         }
         let mut state = BTreeMap::new();
         for key in tensors.keys().filter(|k| k.ends_with(".exp_avg")) {
@@ -512,6 +581,7 @@ impl Optimizer {
                 Moments {
                     m: m.clone(),
                     v: v.clone(),
+                    host: None,
                 },
             );
         }
@@ -524,8 +594,6 @@ impl Optimizer {
     }
 }
 
-/// Creates zeroed moments for parameter `name` on first use; checks their
-/// shape against `param`'s.
 /// Writes a master's value into the model's weight `name` (cast to the
 /// blob's dtype): in place where the store keeps the weight on the device,
 /// else through the store.
@@ -533,26 +601,36 @@ fn write_back(model: &Model, name: &str, m: &Master) -> Result<()> {
     if m.in_place {
         return Ok(());
     }
-    let ctx = model.ctx();
-    if let Some(mut dst) = model.store().device_view(m.unit, name) {
-        return Ok(ops::cast(ctx, &m.value, &mut dst)?);
+    // A host master (optimizer offload) is cast on the host.
+    let ctx = match m.value.device() {
+        llmft_tensor::Device::Cpu => Ctx::cpu(),
+        _ => model.ctx().clone(),
+    };
+    if ctx.device() == model.ctx().device() {
+        if let Some(mut dst) = model.store().device_view(m.unit, name) {
+            return Ok(ops::cast(&ctx, &m.value, &mut dst)?);
+        }
     }
     let dtype = model.store().layout(m.unit)?.entry(name).map(|e| e.dtype);
-    let mut cast = Tensor::empty(ctx, dtype.unwrap_or(DType::F32), m.value.shape())?;
-    ops::cast(ctx, &m.value, &mut cast)?;
+    let mut cast = Tensor::empty(&ctx, dtype.unwrap_or(DType::F32), m.value.shape())?;
+    ops::cast(&ctx, &m.value, &mut cast)?;
     Ok(model.write_weight(m.unit, name, &cast)?)
 }
 
+/// Creates zeroed moments for parameter `name` on first use (in host memory
+/// under optimizer offload); checks their shape against `param`'s.
 fn ensure_state(
     ctx: &Ctx,
+    on_host: bool,
     state: &mut BTreeMap<String, Moments>,
     name: &str,
     param: &Tensor,
 ) -> Result<()> {
     if !state.contains_key(name) {
-        let m = Tensor::zeros(ctx, DType::F32, param.shape())?;
-        let v = Tensor::zeros(ctx, DType::F32, param.shape())?;
-        state.insert(name.to_string(), Moments { m, v });
+        let at = if on_host { Ctx::cpu() } else { ctx.clone() };
+        let m = Tensor::zeros(&at, DType::F32, param.shape())?;
+        let v = Tensor::zeros(&at, DType::F32, param.shape())?;
+        state.insert(name.to_string(), Moments { m, v, host: None });
     }
     let s = &state[name];
     if s.m.shape() != param.shape() {
@@ -598,6 +676,77 @@ fn update(
         true,
         Some(table),
     )?;
+    Ok(())
+}
+
+/// One AdamW update of a group on the host (optimizer offload): gradients
+/// (and, once, device parameters) copied to pinned host buffers, the step on
+/// the host's cores, device parameters copied back. Bit-identical to
+/// [`update`] on the CPU. The device gradients are left for the caller to zero.
+fn update_on_host(
+    ctx: &Ctx,
+    adam: &CpuAdamW,
+    state: &mut BTreeMap<String, Moments>,
+    mut grp: Group,
+    hp: &AdamWParams,
+) -> Result<()> {
+    if grp.names.is_empty() {
+        return Ok(());
+    }
+    let mut by_name: HashMap<&str, &mut Moments> =
+        state.iter_mut().map(|(k, s)| (k.as_str(), s)).collect();
+    let mut ms: Vec<&mut Moments> = Vec::with_capacity(grp.names.len());
+    for name in &grp.names {
+        ms.push(by_name.remove(name.as_str()).ok_or_else(|| {
+            Error::Config(format!("parameter {name} is listed twice in one update"))
+        })?);
+    }
+    // Down: every gradient, and device parameters the first time.
+    for ((s, p), g) in ms.iter_mut().zip(grp.params.iter()).zip(&grp.grads) {
+        if s.host.is_none() {
+            let master = match p.device() {
+                llmft_tensor::Device::Cpu => None,
+                _ => {
+                    let mut h = Tensor::zeros_pinned(ctx, DType::F32, p.shape())?;
+                    h.copy_from(ctx, p)?;
+                    Some(h)
+                }
+            };
+            let grad = Tensor::zeros_pinned(ctx, g.dtype(), g.shape())?;
+            s.host = Some(HostCopies { master, grad });
+        }
+        let h = s.host.as_mut().expect("made above");
+        h.grad.copy_from(ctx, g)?;
+    }
+    ctx.synchronize()?;
+    // The step.
+    let mut host_params: Vec<Tensor> = Vec::with_capacity(ms.len());
+    for (s, p) in ms.iter().zip(grp.params.iter()) {
+        let h = s.host.as_ref().expect("made above");
+        host_params.push(h.master.clone().unwrap_or_else(|| (*p).clone()));
+    }
+    {
+        let mut ts = Vec::with_capacity(ms.len());
+        for (s, hp_t) in ms.iter_mut().zip(host_params.iter_mut()) {
+            let Moments { m, v, host } = &mut **s;
+            let g = host.as_ref().expect("made above").grad.as_slice::<f32>()?;
+            ts.push(AdamWTensor::new(
+                hp_t.as_mut_slice::<f32>()?,
+                Grad::Keep(g),
+                m.as_mut_slice::<f32>()?,
+                v.as_mut_slice::<f32>()?,
+            ));
+        }
+        adam.step_multi(hp, &mut ts)
+            .map_err(|e| Error::Config(format!("offload.optimizer: {e}")))?;
+    }
+    // Up: the device parameters (queued; the host masters stay unchanged
+    // until the next step, which synchronizes before writing them).
+    for (p, h) in grp.params.iter_mut().zip(&host_params) {
+        if p.device() != llmft_tensor::Device::Cpu {
+            p.copy_from(ctx, h)?;
+        }
+    }
     Ok(())
 }
 

@@ -130,6 +130,9 @@ impl Trainer {
         config.validate()?;
         llmft_tensor::ops::set_deterministic_attention(config.deterministic);
         let mut optimizer = Optimizer::new(&config);
+        if let Some(threads) = config.optimizer_on_host {
+            optimizer.offload_to_host(threads)?;
+        }
         let grads = if config.train_type.uses_adapter() {
             if model.adapter().is_none() {
                 return Err(Error::NoAdapter);

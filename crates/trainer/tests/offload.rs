@@ -1,6 +1,7 @@
 //! Offloaded runs equal resident runs bit for bit: frozen weights in pinned
 //! host memory (offload.params, with every lookahead), checkpointed layer
-//! records in host memory (offload.activations), and both, for QLoRA, HQQ
+//! records in host memory (offload.activations), AdamW state and f32 masters
+//! in host memory (offload.optimizer), and all of them, for QLoRA, HQQ
 //! LoRA and full training of the tiny Llama fixture over 20 steps; a run
 //! resumed from an offloaded run's checkpoint continues it exactly.
 use llmft_lora::LoraConfig;
@@ -19,28 +20,44 @@ const STEPS: u64 = 20;
 struct Placement {
     params: Option<usize>,
     activations: bool,
+    optimizer: bool,
 }
 
-const PLACEMENTS: [Placement; 5] = [
+const PLACEMENTS: [Placement; 7] = [
+    Placement {
+        params: None,
+        activations: false,
+        optimizer: true,
+    },
+    Placement {
+        params: Some(1),
+        activations: true,
+        optimizer: true,
+    },
     Placement {
         params: Some(0),
         activations: false,
+        optimizer: false,
     },
     Placement {
         params: Some(1),
         activations: false,
+        optimizer: false,
     },
     Placement {
         params: Some(3),
         activations: false,
+        optimizer: false,
     },
     Placement {
         params: None,
         activations: true,
+        optimizer: false,
     },
     Placement {
         params: Some(1),
         activations: true,
+        optimizer: false,
     },
 ];
 
@@ -85,8 +102,9 @@ fn model(ctx: &Ctx, tt: TrainType, p: Placement) -> Model {
     m
 }
 
-fn config(tt: TrainType) -> TrainConfig {
+fn config(tt: TrainType, p: Placement) -> TrainConfig {
     TrainConfig {
+        optimizer_on_host: p.optimizer.then_some(2),
         train_type: tt,
         lr: 5e-3,
         weight_decay: 0.01,
@@ -141,20 +159,23 @@ fn check_train_type(tt: TrainType) {
     let resident = Placement {
         params: None,
         activations: false,
+        optimizer: false,
     };
+    let p = resident;
     let mut m = model(&ctx, tt, resident);
-    let mut t = Trainer::new(config(tt), &m).unwrap();
+    let mut t = Trainer::new(config(tt, p), &m).unwrap();
     let want_losses = run(&ctx, &mut m, &mut t, STEPS);
     let want = trained_bits(&m);
     for p in PLACEMENTS {
         let mut m = model(&ctx, tt, p);
-        let mut t = Trainer::new(config(tt), &m).unwrap();
+        let mut t = Trainer::new(config(tt, p), &m).unwrap();
         let losses = run(&ctx, &mut m, &mut t, STEPS);
         // The placement really moved things: home copies off the compute
         // device's store, activation buffers pinned.
         let bytes = m.store().bytes();
         assert_eq!(p.params.is_some(), bytes.buffers > 0, "{p:?}: {bytes:?}");
         assert_eq!(p.activations, m.pinned_activation_bytes() > 0, "{p:?}");
+        assert_eq!(p.optimizer, t.optimizer().is_offloaded(), "{p:?}");
         assert_eq!(losses, want_losses, "{tt:?} {p:?}: per-step losses differ");
         let got = trained_bits(&m);
         assert_eq!(got.len(), want.len());
@@ -185,18 +206,19 @@ fn resume_of_an_offloaded_run_is_bit_exact() {
     let p = Placement {
         params: Some(1),
         activations: true,
+        optimizer: true,
     };
     for tt in [TrainType::Qlora, TrainType::Full] {
         let dir = scratch(&format!("offload-resume-{tt:?}"));
         let mut m = model(&ctx, tt, p);
-        let mut t = Trainer::new(config(tt), &m).unwrap();
+        let mut t = Trainer::new(config(tt, p), &m).unwrap();
         let mut straight = run(&ctx, &mut m, &mut t, 10);
         let ckpt = t.save_checkpoint(&m, &dir).unwrap();
         straight.extend(run(&ctx, &mut m, &mut t, STEPS - 10));
         let want = trained_bits(&m);
 
         let mut m2 = model(&ctx, tt, p);
-        let mut t2 = Trainer::resume(config(tt), &mut m2, &ckpt).unwrap();
+        let mut t2 = Trainer::resume(config(tt, p), &mut m2, &ckpt).unwrap();
         let rest = run(&ctx, &mut m2, &mut t2, STEPS - 10);
         assert_eq!(rest, straight[10..], "{tt:?}: resumed losses differ");
         assert!(trained_bits(&m2) == want, "{tt:?}: resumed weights differ");
