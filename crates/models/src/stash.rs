@@ -1,7 +1,8 @@
 //! Activation offload: what the forward keeps for the backward (each
 //! checkpointed layer's input, and its attention record when kept) moves to
-//! pinned host memory on the copy stream after the layer's forward, and
-//! comes back on the copy stream one layer ahead of its backward.
+//! pinned host memory on the stash stream after the layer's forward, and
+//! comes back on it one layer ahead of its backward (the weight copies of an
+//! offloaded store use the copy stream, so both directions overlap).
 //!
 //! Ordering: a copy out waits for the compute that produced the tensor; the
 //! device tensor is freed one layer later, when its copy has long finished
@@ -9,7 +10,7 @@
 //! A copy back waits for the compute queued so far (its destination comes
 //! from the compute-ordered allocator) and the compute waits for its event
 //! before use. Host buffers come from a pool and are only touched by the copy
-//! stream, whose order keeps them safe.
+//! stash stream, whose order keeps them safe.
 use llmft_tensor::{Ctx, Event, PinnedPool, StreamKind, Tensor};
 
 use crate::Result;
@@ -33,9 +34,9 @@ impl<'a> Stash<'a> {
 
     /// Queues the copy of `t` to host memory; returns the host tensor.
     pub(crate) fn out(&mut self, t: Tensor) -> Result<Tensor> {
-        self.ctx.wait_for(StreamKind::Copy, StreamKind::Compute)?;
+        self.ctx.wait_for(StreamKind::Stash, StreamKind::Compute)?;
         let mut host = self.pool.take(t.dtype(), t.shape())?;
-        host.copy_from_on(self.ctx, &t, StreamKind::Copy)?;
+        host.copy_from_on(self.ctx, &t, StreamKind::Stash)?;
         self.pending.push(t);
         Ok(host)
     }
@@ -48,16 +49,16 @@ impl<'a> Stash<'a> {
 
     /// Queues the copy of host tensor `h` back to the device.
     pub(crate) fn back(&self, h: Tensor) -> Result<Tensor> {
-        self.ctx.wait_for(StreamKind::Copy, StreamKind::Compute)?;
+        self.ctx.wait_for(StreamKind::Stash, StreamKind::Compute)?;
         let mut d = Tensor::empty(self.ctx, h.dtype(), h.shape())?;
-        d.copy_from_on(self.ctx, &h, StreamKind::Copy)?;
+        d.copy_from_on(self.ctx, &h, StreamKind::Stash)?;
         self.pool.give(h);
         Ok(d)
     }
 
     /// An event after every copy back queued so far.
     pub(crate) fn mark(&self) -> Result<Event> {
-        Ok(self.ctx.record(StreamKind::Copy)?)
+        Ok(self.ctx.record(StreamKind::Stash)?)
     }
 
     /// Makes the compute stream wait for `ev`.

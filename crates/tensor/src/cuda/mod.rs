@@ -62,6 +62,7 @@ pub struct CudaCtx {
     context: Arc<CudaContext>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
+    stash: Arc<CudaStream>,
     comm: Arc<CudaStream>,
     alloc: Arc<CachingAllocator>,
     blas: Mutex<Option<Blas>>,
@@ -75,8 +76,11 @@ pub struct CudaCtx {
 pub enum StreamKind {
     /// Kernels and GEMMs.
     Compute,
-    /// Host<->device copies that overlap compute.
+    /// Host<->device copies of weights that overlap compute.
     Copy,
+    /// Copies of activations to host memory and back (activation offload),
+    /// concurrent with the weight copies.
+    Stash,
     /// Collectives.
     Comm,
 }
@@ -102,6 +106,7 @@ impl CudaCtx {
             |c: &Arc<CudaContext>| c.new_stream().map_err(|e| Error::cuda("cuStreamCreate", e));
         let compute = mk(&context)?;
         let copy = mk(&context)?;
+        let stash = mk(&context)?;
         let comm = mk(&context)?;
         let sms = context
             .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -118,6 +123,7 @@ impl CudaCtx {
             context,
             compute,
             copy,
+            stash,
             comm,
             alloc,
             blas: Mutex::new(None),
@@ -152,6 +158,7 @@ impl CudaCtx {
         match kind {
             StreamKind::Compute => &self.compute,
             StreamKind::Copy => &self.copy,
+            StreamKind::Stash => &self.stash,
             StreamKind::Comm => &self.comm,
         }
     }
@@ -189,7 +196,7 @@ impl CudaCtx {
 
     /// Waits for every stream of the context.
     pub fn synchronize(&self) -> Result<()> {
-        for s in [&self.compute, &self.copy, &self.comm] {
+        for s in [&self.compute, &self.copy, &self.stash, &self.comm] {
             s.synchronize()
                 .map_err(|e| Error::cuda("cuStreamSynchronize", e))?;
         }

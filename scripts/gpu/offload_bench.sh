@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The offload benchmarks on a GPU machine (no Rust there): `llmft bench` runs
+# resident and offloaded side by side in this one call, optionally with the
+# torch FSDP + CPUOffload peer (scripts/gpu/peer_offload.sh). Everything goes
+# under $OUT: results.jsonl (one JSON object per run), offload.log, device.txt.
+#
+#   OFFLOAD_PARTS="smoke 70b 8b" bash scripts/gpu/offload_bench.sh
+#   OFFLOAD_PARTS="peer identity full" bash scripts/gpu/offload_bench.sh
+# Parts:
+#   smoke     a tiny model, resident vs every offload, deterministic (same losses?)
+#   70b       Llama-2-70B shape, all 80 layers, QLoRA r16, 2048 x 2: resident vs
+#             offloaded params + activations + optimizer
+#   8b        Llama-3.1-8B shape QLoRA 2048 x 2: resident, activation offload,
+#             activations + params
+#   peer      the 70B shape cut to 8 layers: llmft resident and offloaded, then
+#             torch FSDP with and without CPUOffload (bitsandbytes from
+#             OFFLOAD_SITE, default .gpu/off/site)
+#   identity  QLoRA and HQQ-LoRA, 4 layers of the 8B shape, 20 deterministic
+#             steps: resident vs all offloads (losses and adapter SHA-256)
+#   full      full fine-tuning of a 3B-class shape (8B shape, 8 layers):
+#             resident vs offload.optimizer
+# Needs the CLI at $LLMFT_BIN (default .gpu/off/llmft).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+CUDA_LIB=${CUDA_LIB:-$(ls -d /usr/local/cuda-1*/targets/x86_64-linux/lib 2>/dev/null | tail -1)}
+export LD_LIBRARY_PATH="$CUDA_LIB:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+export LLMFT_KERNEL_CACHE=${LLMFT_KERNEL_CACHE:-/tmp/llmft-kernels} LLMFT_REQUIRE_NVRTC=1
+bin=${LLMFT_BIN:-$PWD/.gpu/off/llmft}
+parts=${OFFLOAD_PARTS:-"smoke 70b 8b peer identity full"}
+log="$OUT/offload.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nproc; free -g | sed -n 2p; date -u +%Y-%m-%dT%H:%MZ; } | tee -a "$OUT/device.txt"
+touch "$OUT/results.jsonl"
+
+# run TAG ARGS...: one `llmft bench`, its JSON appended to results.jsonl with the tag.
+run() {
+  local tag=$1; shift
+  echo "== $tag: llmft bench $*" | tee -a "$log"
+  local tmp; tmp=$(mktemp)
+  local t0=$SECONDS
+  "$bin" bench "$@" --json "$tmp" >> "$log" 2>&1 || echo "$tag failed: rc=$?" | tee -a "$log"
+  echo "   $tag: $((SECONDS - t0)) s" | tee -a "$log"
+  [ -s "$tmp" ] && python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["tag"]=sys.argv[2]; print(json.dumps(d))' \
+    "$tmp" "$tag" >> "$OUT/results.jsonl"
+  rm -f "$tmp"
+}
+all_off=(--offload-params --offload-activations --offload-optimizer)
+
+for part in $parts; do
+  case $part in
+  smoke)
+    for v in "" "--offload-params" "--offload-activations" "--offload-optimizer" "${all_off[*]}"; do
+      # shellcheck disable=SC2086
+      run "smoke${v:+ $v}" --model tiny --seq 256 --micro-batch 2 --steps 4 --warmup 1 \
+        --deterministic --gemm-size 0 $v
+    done ;;
+  70b)
+    c=(--model llama2-70b --train-type qlora --seq 2048 --micro-batch 2 --steps 5 --warmup 2 --gemm-size 0)
+    run "70b resident" "${c[@]}"
+    run "70b offloaded" "${c[@]}" "${all_off[@]}" ;;
+  8b)
+    c=(--model llama3-8b --train-type qlora --seq 2048 --micro-batch 2 --steps 10 --warmup 3)
+    run "8b resident" "${c[@]}"
+    run "8b activations" "${c[@]}" --offload-activations --gemm-size 0
+    run "8b activations+params" "${c[@]}" --offload-activations --offload-params --gemm-size 0 ;;
+  peer)
+    c=(--model llama2-70b --layers 8 --train-type qlora --seq 2048 --micro-batch 2 --steps 10 --warmup 3 --gemm-size 0)
+    run "70b-8l resident" "${c[@]}"
+    run "70b-8l offloaded" "${c[@]}" "${all_off[@]}"
+    run "70b-8l params+activations" "${c[@]}" --offload-params --offload-activations
+    PEER_SITE=${OFFLOAD_SITE:-$PWD/.gpu/off/site} PEER_RUNS=${PEER_RUNS:-"true true;false false"} \
+      PEER_STEPS=${PEER_STEPS:-8} bash scripts/gpu/peer_offload.sh >> "$log" 2>&1
+    cat "$OUT/peer.jsonl" >> "$OUT/results.jsonl" ;;
+  identity)
+    for tt in qlora hqq_lora; do
+      c=(--model llama3-8b --layers 4 --train-type "$tt" --seq 2048 --micro-batch 2 --steps 20 --warmup 1
+         --deterministic --gemm-size 0)
+      run "identity $tt resident" "${c[@]}"
+      run "identity $tt offloaded" "${c[@]}" "${all_off[@]}"
+    done ;;
+  full)
+    c=(--model llama3-8b --layers 8 --train-type full --seq 2048 --micro-batch 1 --steps 5 --warmup 2 --gemm-size 0)
+    run "full-3b resident" "${c[@]}"
+    run "full-3b optimizer" "${c[@]}" --offload-optimizer ;;
+  *) echo "unknown part $part" | tee -a "$log" ;;
+  esac
+done
+python3 - "$OUT/results.jsonl" <<'EOF' | tee "$OUT/table.md"
+import json, sys
+print("| run | tok/s | step ms | peak GiB | host RSS GiB | store host GiB | loss last | adapter sha |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    tag = d.get("tag") or f"{d.get('impl')} {d.get('variant', '')}"
+    f = lambda k, fmt="{:.2f}": fmt.format(d[k]) if isinstance(d.get(k), (int, float)) else "-"
+    print(f"| {tag} | {f('tokens_per_s', '{:.0f}')} | {f('step_ms_median', '{:.1f}')} | {f('peak_gib')} | "
+          f"{f('host_rss_peak_gib')} | {f('store_host_gib')} | {f('loss_last', '{:.6f}')} | {(d.get('trained_sha256') or '-')[:12]} |")
+EOF
