@@ -19,6 +19,11 @@
 #             steps: resident vs all offloads (losses and adapter SHA-256)
 #   full      full fine-tuning of a 3B-class shape (8B shape, 8 layers):
 #             resident vs offload.optimizer
+#   8bparams  the 8B shape with activations + params offloaded, the embedding
+#             kept on the GPU, lookahead 1 and 2
+#   load      a bf16 safetensors checkpoint of 70B width (LOAD_LAYERS, 20)
+#             written to disk, then loaded as NF4 into the offloaded store
+#             (load_rss at $LOAD_RSS_BIN, default .gpu/off/load_rss)
 # Needs the CLI at $LLMFT_BIN (default .gpu/off/llmft).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -84,6 +89,20 @@ for part in $parts; do
     c=(--model llama3-8b --layers 8 --train-type full --seq 2048 --micro-batch 1 --steps 5 --warmup 2 --gemm-size 0)
     run "full-3b resident" "${c[@]}"
     run "full-3b optimizer" "${c[@]}" --offload-optimizer ;;
+  8bparams)
+    c=(--model llama3-8b --train-type qlora --seq 2048 --micro-batch 2 --steps 10 --warmup 3 --gemm-size 0)
+    run "8b activations+params keep-embedding" "${c[@]}" --offload-activations --offload-params
+    run "8b activations+params keep-embedding lookahead 2" "${c[@]}" --offload-activations --offload-params --lookahead 2 ;;
+  load)
+    lr=${LOAD_RSS_BIN:-$PWD/.gpu/off/load_rss}
+    dir=${LOAD_DIR:-/tmp/llmft-load-70b}
+    rm -rf "$dir"
+    echo "== load: writing ${LOAD_LAYERS:-20} layers of the 70B shape to $dir" | tee -a "$log"
+    t0=$SECONDS
+    "$lr" write "$dir" llama2-70b "${LOAD_LAYERS:-20}" 4096 >> "$log" 2>&1
+    echo "   written in $((SECONDS - t0)) s" | tee -a "$log"
+    "$lr" load-offloaded "$dir" 2>>"$log" | tee -a "$log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.readline()); d["tag"]="load 70b-width nf4 offloaded"; print(json.dumps(d))' >> "$OUT/results.jsonl"
+    rm -rf "$dir" ;;
   *) echo "unknown part $part" | tee -a "$log" ;;
   esac
 done

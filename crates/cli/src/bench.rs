@@ -63,6 +63,9 @@ pub struct BenchArgs {
     /// Units prefetched ahead under --offload-params (offload.lookahead).
     #[arg(long, default_value_t = 1)]
     lookahead: usize,
+    /// Under --offload-params, the embedding stays on the GPU (offload.keep_embedding).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_embedding: bool,
     /// Optimizer steps run, warm-up included.
     #[arg(long, default_value_t = 12)]
     steps: usize,
@@ -144,6 +147,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         activations: a.offload_activations,
         optimizer: a.offload_optimizer,
         lookahead: a.lookahead,
+        keep_embedding: a.keep_embedding,
     };
     let builder = crate::store_builder(&ctx, &offload, config.num_units())?;
     let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
@@ -301,6 +305,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             "activations": a.offload_activations,
             "optimizer": a.offload_optimizer,
             "lookahead": a.lookahead,
+            "keep_embedding": a.keep_embedding,
         },
         "store_device_gib": store_bytes.device as f64 / GIB,
         "store_host_gib": store_bytes.host as f64 / GIB,

@@ -243,6 +243,7 @@ fn store_builder(
     }
     let cfg = llmft_offload::OffloadedConfig {
         lookahead: offload.lookahead,
+        keep_embedding: offload.keep_embedding,
         ..Default::default()
     };
     llmft_offload::Offloaded::builder(ctx, num_units, cfg).map_err(|e| e.to_string())

@@ -3,6 +3,7 @@
 //! ```sh
 //! load_rss write DIR [preset] [layers] [shard_mib]   # random bf16 checkpoint, sharded
 //! load_rss load DIR                                  # load onto cuda:0, print peak RSS
+//! load_rss load-offloaded DIR                        # NF4 on cuda:0 into pinned host memory
 //! ```
 //! `write` streams tensor by tensor; `load` prints one JSON line with the
 //! process's peak resident set (VmHWM), the largest tensor and the total.
@@ -112,6 +113,45 @@ fn load(dir: &Path) {
     );
 }
 
+/// Loads `dir` quantized to NF4 on the GPU, tensor by tensor, into an
+/// offloaded store (pinned host memory): the host should hold the quantized
+/// model and little else.
+fn load_offloaded(dir: &Path) {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let total: usize = (0..cfg.num_units())
+        .flat_map(|u| cfg.unit_tensors(u))
+        .map(|(_, s)| s.iter().product::<usize>() * 2)
+        .sum();
+    let ctx = Ctx::cuda(0).unwrap_or_else(|_| Ctx::cpu());
+    let before = vm_hwm_bytes();
+    let t0 = std::time::Instant::now();
+    let q = llmft_models::QuantConfig::nf4();
+    let model = Model::from_dir_into(dir, &ctx, DType::BF16, Some(&q), &mut |n| {
+        let cfg = llmft_offload::OffloadedConfig::default();
+        llmft_offload::Offloaded::builder(&ctx, n, cfg)
+            .map_err(|e| llmft_models::Error::Invalid(e.to_string()))
+    })
+    .unwrap();
+    ctx.synchronize().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let held = model.store().bytes();
+    let gpu_peak = ctx
+        .cuda_ctx()
+        .map(|c| gib(c.allocator().stats().peak_in_use as u64));
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "load_offloaded_nf4", "device": ctx.device().to_string(),
+            "layers": model.config.num_layers, "hidden": model.config.hidden_size,
+            "checkpoint_bf16_gib": gib(total as u64), "quantized_host_gib": gib(held.host as u64),
+            "peak_rss_before_load_gib": gib(before), "peak_rss_gib": gib(vm_hwm_bytes()),
+            "bound_gib": gib(held.host as u64 + (2 << 30)), "gpu_peak_gib": gpu_peak,
+            "load_seconds": secs, "bf16_read_gb_per_s": total as f64 / secs / 1e9,
+        })
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -125,8 +165,12 @@ fn main() {
                 << 20,
         ),
         Some("load") => load(Path::new(&args[1])),
+        Some("load-offloaded") => load_offloaded(Path::new(&args[1])),
         _ => {
-            eprintln!("usage: load_rss write DIR [preset] [layers] [shard_mib] | load_rss load DIR")
+            eprintln!(
+                "usage: load_rss write DIR [preset] [layers] [shard_mib] | load_rss load DIR \
+                 | load_rss load-offloaded DIR"
+            )
         }
     }
 }

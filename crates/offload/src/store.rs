@@ -81,6 +81,10 @@ pub struct OffloadedConfig {
     /// from the checkpoint): checked against the memory available before
     /// anything is allocated, so a run that cannot fit stops at once.
     pub expected_host_bytes: Option<usize>,
+    /// Keep the embedding's home copy on the device: every pass starts with
+    /// it, where no compute can hide its copy (1 GiB at 8B width); it is
+    /// then never moved.
+    pub keep_embedding: bool,
 }
 
 impl Default for OffloadedConfig {
@@ -88,6 +92,7 @@ impl Default for OffloadedConfig {
         Self {
             lookahead: 1,
             expected_host_bytes: None,
+            keep_embedding: false,
         }
     }
 }
@@ -323,6 +328,7 @@ impl OffloadedBuilder {
             shared: Arc::new(Shared {
                 ctx: self.ctx,
                 lookahead: self.cfg.lookahead,
+                kept: self.cfg.keep_embedding.then_some(0),
                 homes,
                 state: Mutex::new(State {
                     slots: Vec::new(),
@@ -341,6 +347,9 @@ impl OffloadedBuilder {
 impl StoreBuilder for OffloadedBuilder {
     fn alloc(&mut self, unit: Unit, layout: BlobLayout) -> TResult<UnitBlob> {
         unit_index(unit, self.homes.len())?;
+        if self.cfg.keep_embedding && unit == Unit::Embed {
+            return UnitBlob::zeros(&self.ctx, layout);
+        }
         let bytes = layout.alloc_bytes();
         match UnitBlob::zeros_pinned(&self.ctx, layout) {
             Ok(b) => {
@@ -373,7 +382,9 @@ impl StoreBuilder for OffloadedBuilder {
 
     fn add(&mut self, unit: Unit, blob: UnitBlob) -> TResult<UnitBlob> {
         let i = unit_index(unit, self.homes.len())?;
-        if blob.bytes.device() != Device::Cpu {
+        let kept = self.cfg.keep_embedding && unit == Unit::Embed;
+        if blob.bytes.device() != Device::Cpu && !(kept && blob.bytes.device() == self.ctx.device())
+        {
             return Err(llmft_tensor::Error::Device {
                 op: PARAMS_SETTING,
                 what: "unit blob",
@@ -406,6 +417,9 @@ pub struct Offloaded {
 struct Shared {
     ctx: Ctx,
     lookahead: usize,
+    /// The unit whose home copy is on the device (`keep_embedding`): fetched
+    /// as it is, never in the order of loads.
+    kept: Option<usize>,
     homes: Vec<UnitBlob>,
     state: Mutex<State>,
     stats: OffloadStats,
@@ -686,11 +700,12 @@ impl WeightStore for Offloaded {
     }
 
     fn schedule(&self, order: &[Unit]) -> TResult<()> {
+        let sh = &*self.shared;
         let order = order
             .iter()
             .map(|&u| self.index(u))
+            .filter(|u| !matches!(u, Ok(i) if Some(*i) == sh.kept))
             .collect::<TResult<Vec<_>>>()?;
-        let sh = &*self.shared;
         let mut st = sh.lock();
         st.order = order;
         st.cursor = 0;
@@ -700,6 +715,15 @@ impl WeightStore for Offloaded {
     fn fetch(&self, unit: Unit) -> TResult<UnitGuard> {
         let u = self.index(unit)?;
         let sh = &*self.shared;
+        if sh.kept == Some(u) {
+            let h = &sh.homes[u];
+            return Ok(UnitGuard::new(
+                unit,
+                h.bytes.clone(),
+                h.layout.clone(),
+                None,
+            ));
+        }
         let c = &sh.stats.0;
         let mut st = sh.lock();
         OffloadStats::add(&c.fetches, 1);
@@ -749,6 +773,9 @@ impl WeightStore for Offloaded {
         let mut dst = sh.homes[u]
             .get(name)
             .map_err(|_| invalid(format!("{unit} has no tensor `{name}`")))?;
+        if sh.kept == Some(u) {
+            return dst.copy_from(&sh.ctx, src);
+        }
         let mut st = sh.lock();
         if let Some(id) = st.holder[u] {
             if st.slots[id].as_ref().is_some_and(|s| s.refs > 0) {
@@ -780,7 +807,14 @@ impl WeightStore for Offloaded {
 
     fn bytes(&self) -> StoreBytes {
         let sh = &*self.shared;
-        let host = sh.homes.iter().map(|h| h.bytes.bytes()).sum();
+        let on = |u: usize| sh.kept == Some(u);
+        let home = |want: bool| -> usize {
+            (0..sh.homes.len())
+                .filter(|&u| on(u) == want)
+                .map(|u| sh.homes[u].bytes.bytes())
+                .sum()
+        };
+        let (host, device) = (home(false), home(true));
         let buffers = sh
             .lock()
             .slots
@@ -789,7 +823,7 @@ impl WeightStore for Offloaded {
             .map(|s| s.buf.bytes())
             .sum();
         StoreBytes {
-            device: 0,
+            device,
             host,
             buffers,
         }

@@ -429,6 +429,7 @@ fn allocation_failure_names_the_setting_and_the_bytes() {
         let cfg = OffloadedConfig {
             lookahead: 1,
             expected_host_bytes: Some(1 << 20),
+            keep_embedding: false,
         };
         let mut b = Offloaded::builder(&ctx, 3, cfg).unwrap();
         let mut small = BlobLayout::default();
@@ -469,6 +470,7 @@ fn host_memory_check() {
     let cfg = OffloadedConfig {
         lookahead: 1,
         expected_host_bytes: Some(usize::MAX / 2),
+        keep_embedding: false,
     };
     let msg = Offloaded::builder(&Ctx::cpu(), 4, cfg)
         .err()

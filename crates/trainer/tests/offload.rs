@@ -18,12 +18,14 @@ const STEPS: u64 = 20;
 /// Where the frozen weights and the kept activations live.
 #[derive(Debug, Clone, Copy)]
 struct Placement {
+    /// Lookahead of the offloaded store (the embedding kept on the device
+    /// at lookahead 2).
     params: Option<usize>,
     activations: bool,
     optimizer: bool,
 }
 
-const PLACEMENTS: [Placement; 7] = [
+const PLACEMENTS: [Placement; 8] = [
     Placement {
         params: None,
         activations: false,
@@ -41,6 +43,11 @@ const PLACEMENTS: [Placement; 7] = [
     },
     Placement {
         params: Some(1),
+        activations: false,
+        optimizer: false,
+    },
+    Placement {
+        params: Some(2),
         activations: false,
         optimizer: false,
     },
@@ -69,6 +76,7 @@ fn builder(ctx: &Ctx, n: usize, p: Placement) -> Box<dyn StoreBuilder> {
             n,
             OffloadedConfig {
                 lookahead,
+                keep_embedding: lookahead == 2,
                 ..Default::default()
             },
         )
