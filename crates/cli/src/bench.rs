@@ -156,7 +156,6 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     model.checkpointing = a.checkpointing;
     model.checkpoint_keep_attention = a.keep_attention;
     model.checkpoint_skip_layers = a.skip_layers;
-    llmft_tensor::ops::set_deterministic_attention(a.deterministic);
     let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
             "r": a.lora_r,
@@ -200,6 +199,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         checkpoint_every: 0,
         seed: a.seed,
         optimizer_on_host: a.offload_optimizer.then_some(0),
+        // Trainer::new sets the attention's mode from it.
+        deterministic: a.deterministic,
         ..TrainConfig::default()
     };
     let mut trainer =

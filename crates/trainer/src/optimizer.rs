@@ -37,6 +37,9 @@ struct HostCopies {
     master: Option<Tensor>,
     /// The gradient, copied down before the host step.
     grad: Tensor,
+    /// For a host master of a bf16 weight (full training): the updated
+    /// values in bf16, written in the same pass and copied up from here.
+    bf16: Option<Tensor>,
 }
 
 /// The f32 master of one of the model's own weights.
@@ -138,6 +141,9 @@ struct Tables {
 struct Group<'a> {
     names: Vec<String>,
     params: Vec<&'a mut Tensor>,
+    /// Under optimizer offload: which host masters stand for bf16 weights
+    /// (the host step then also writes their bf16 copies).
+    bf16: Vec<bool>,
     /// Handles of the gradient buffers (views of the same storage).
     grads: Vec<Tensor>,
 }
@@ -364,6 +370,7 @@ impl Optimizer {
                     let name = format!("{module}.{}", LORA_PARTS[i]);
                     ensure_state(ctx, self.host.is_some(), &mut self.state, &name, p)?;
                     let grp = &mut groups[usize::from(i >= 2)];
+                    grp.bf16.push(false);
                     grp.names.push(name);
                     grp.params.push(p);
                     grp.grads.push(g.clone());
@@ -428,6 +435,10 @@ impl Optimizer {
                 let g = grads.get(name).expect("checked above");
                 ensure_state(ctx, self.host.is_some(), &mut self.state, name, &m.value)?;
                 let grp = &mut groups[usize::from(!decays(name))];
+                let dtype = model.store().layout(m.unit)?.entry(name).map(|e| e.dtype);
+                grp.bf16.push(
+                    dtype == Some(DType::BF16) && m.value.device() == llmft_tensor::Device::Cpu,
+                );
                 grp.names.push(name.clone());
                 grp.params.push(&mut m.value);
                 grp.grads.push(g.clone());
@@ -445,7 +456,15 @@ impl Optimizer {
                 }
             }
             for (name, m) in &self.masters {
-                write_back(model, name, m)?;
+                let bf16 = self
+                    .state
+                    .get(name)
+                    .and_then(|s| s.host.as_ref())
+                    .and_then(|h| h.bf16.as_ref());
+                match bf16 {
+                    Some(t) => model.write_weight(m.unit, name, t)?,
+                    None => write_back(model, name, m)?,
+                }
             }
         }
         // The update zeroed the gradients of every master (not the host step).
@@ -702,7 +721,12 @@ fn update_on_host(
         })?);
     }
     // Down: every gradient, and device parameters the first time.
-    for ((s, p), g) in ms.iter_mut().zip(grp.params.iter()).zip(&grp.grads) {
+    for (((s, p), g), &want_bf16) in ms
+        .iter_mut()
+        .zip(grp.params.iter())
+        .zip(&grp.grads)
+        .zip(&grp.bf16)
+    {
         if s.host.is_none() {
             let master = match p.device() {
                 llmft_tensor::Device::Cpu => None,
@@ -713,7 +737,11 @@ fn update_on_host(
                 }
             };
             let grad = Tensor::zeros_pinned(ctx, g.dtype(), g.shape())?;
-            s.host = Some(HostCopies { master, grad });
+            let bf16 = match want_bf16 {
+                true => Some(Tensor::zeros_pinned(ctx, DType::BF16, p.shape())?),
+                false => None,
+            };
+            s.host = Some(HostCopies { master, grad, bf16 });
         }
         let h = s.host.as_mut().expect("made above");
         h.grad.copy_from(ctx, g)?;
@@ -729,13 +757,18 @@ fn update_on_host(
         let mut ts = Vec::with_capacity(ms.len());
         for (s, hp_t) in ms.iter_mut().zip(host_params.iter_mut()) {
             let Moments { m, v, host } = &mut **s;
-            let g = host.as_ref().expect("made above").grad.as_slice::<f32>()?;
-            ts.push(AdamWTensor::new(
+            let h = host.as_mut().expect("made above");
+            let g = h.grad.as_slice::<f32>()?;
+            let t = AdamWTensor::new(
                 hp_t.as_mut_slice::<f32>()?,
                 Grad::Keep(g),
                 m.as_mut_slice::<f32>()?,
                 v.as_mut_slice::<f32>()?,
-            ));
+            );
+            ts.push(match h.bf16.as_mut() {
+                Some(b) => t.with_bf16_copy(b.as_mut_slice::<llmft_tensor::bf16>()?),
+                None => t,
+            });
         }
         adam.step_multi(hp, &mut ts)
             .map_err(|e| Error::Config(format!("offload.optimizer: {e}")))?;

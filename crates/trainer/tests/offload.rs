@@ -85,12 +85,16 @@ fn builder(ctx: &Ctx, n: usize, p: Placement) -> Box<dyn StoreBuilder> {
 }
 
 fn model(ctx: &Ctx, tt: TrainType, p: Placement) -> Model {
+    model_in(ctx, tt, p, DType::F32)
+}
+
+fn model_in(ctx: &Ctx, tt: TrainType, p: Placement, dtype: DType) -> Model {
     let quant = match tt {
         TrainType::Qlora => Some(QuantConfig::nf4()),
         TrainType::HqqLora => Some(QuantConfig::hqq(4)),
         _ => None,
     };
-    let mut m = Model::from_dir_into(&fixture(), ctx, DType::F32, quant.as_ref(), &mut |n| {
+    let mut m = Model::from_dir_into(&fixture(), ctx, dtype, quant.as_ref(), &mut |n| {
         Ok(builder(ctx, n, p))
     })
     .unwrap();
@@ -163,6 +167,10 @@ fn run(ctx: &Ctx, m: &mut Model, t: &mut Trainer, steps: u64) -> Vec<u64> {
 }
 
 fn check_train_type(tt: TrainType) {
+    check_train_type_in(tt, DType::F32);
+}
+
+fn check_train_type_in(tt: TrainType, dtype: DType) {
     let ctx = Ctx::cpu();
     let resident = Placement {
         params: None,
@@ -170,12 +178,12 @@ fn check_train_type(tt: TrainType) {
         optimizer: false,
     };
     let p = resident;
-    let mut m = model(&ctx, tt, resident);
+    let mut m = model_in(&ctx, tt, resident, dtype);
     let mut t = Trainer::new(config(tt, p), &m).unwrap();
     let want_losses = run(&ctx, &mut m, &mut t, STEPS);
     let want = trained_bits(&m);
     for p in PLACEMENTS {
-        let mut m = model(&ctx, tt, p);
+        let mut m = model_in(&ctx, tt, p, dtype);
         let mut t = Trainer::new(config(tt, p), &m).unwrap();
         let losses = run(&ctx, &mut m, &mut t, STEPS);
         // The placement really moved things: home copies off the compute
@@ -206,6 +214,12 @@ fn hqq_lora_offloaded_equals_resident() {
 #[test]
 fn full_offloaded_equals_resident() {
     check_train_type(TrainType::Full);
+}
+
+/// bf16 weights: the host step writes their bf16 copies in the same pass.
+#[test]
+fn full_bf16_offloaded_equals_resident() {
+    check_train_type_in(TrainType::Full, DType::BF16);
 }
 
 #[test]
