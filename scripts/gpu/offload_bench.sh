@@ -21,6 +21,8 @@
 #             resident vs offload.optimizer
 #   8bparams  the 8B shape with activations + params offloaded, the embedding
 #             kept on the GPU, lookahead 1 and 2
+#   lean      the offloaded 70B runs (8 and 80 layers) with the embedding
+#             offloaded too and no dequantized-weight cache (the lowest peak)
 #   load      a bf16 safetensors checkpoint of 70B width (LOAD_LAYERS, 20)
 #             written to disk, then loaded as NF4 into the offloaded store
 #             (load_rss at $LOAD_RSS_BIN, default .gpu/off/load_rss)
@@ -93,6 +95,11 @@ for part in $parts; do
     c=(--model llama3-8b --train-type qlora --seq 2048 --micro-batch 2 --steps 10 --warmup 3 --gemm-size 0)
     run "8b activations+params keep-embedding" "${c[@]}" --offload-activations --offload-params
     run "8b activations+params keep-embedding lookahead 2" "${c[@]}" --offload-activations --offload-params --lookahead 2 ;;
+  lean)
+    lean=(--keep-embedding false --cache-dequantized false)
+    c=(--model llama2-70b --train-type qlora --seq 2048 --micro-batch 2 --gemm-size 0)
+    run "70b-8l offloaded lean" "${c[@]}" --layers 8 --steps 10 --warmup 3 "${all_off[@]}" "${lean[@]}"
+    run "70b offloaded lean" "${c[@]}" --steps 5 --warmup 2 "${all_off[@]}" "${lean[@]}" ;;
   load)
     lr=${LOAD_RSS_BIN:-$PWD/.gpu/off/load_rss}
     dir=${LOAD_DIR:-/tmp/llmft-load-70b}

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Under checkpointing, keep each layer's attention output (true|false).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     keep_attention: bool,
+    /// Under checkpointing, share a layer's dequantized weights between its
+    /// recompute and backward (model.checkpoint_cache_dequantized).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cache_dequantized: bool,
     /// Under checkpointing, the last N layers are not checkpointed.
     #[arg(long, default_value_t = 0)]
     skip_layers: usize,
@@ -156,6 +160,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     model.checkpointing = a.checkpointing;
     model.checkpoint_keep_attention = a.keep_attention;
     model.checkpoint_skip_layers = a.skip_layers;
+    model.checkpoint_cache_dequantized = a.cache_dequantized;
     let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
             "r": a.lora_r,
@@ -266,6 +271,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "checkpointing": a.checkpointing,
         "checkpoint_keep_attention": a.keep_attention,
         "checkpoint_skip_layers": a.skip_layers,
+        "checkpoint_cache_dequantized": a.cache_dequantized,
         "deterministic": a.deterministic,
         "lora_r": a.lora_r,
         "lora_alpha": a.lora_alpha,

@@ -195,6 +195,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     model.checkpointing = s.model.checkpointing;
     model.checkpoint_keep_attention = s.model.checkpoint_keep_attention;
     model.checkpoint_skip_layers = s.model.checkpoint_skip_layers;
+    model.checkpoint_cache_dequantized = s.model.checkpoint_cache_dequantized;
     let resume = args.resume.as_ref().map(|p| {
         if p.as_os_str() == "latest" {
             llmft_trainer::latest_checkpoint(&s.train.output_dir)

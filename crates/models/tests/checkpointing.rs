@@ -1,7 +1,9 @@
 //! Every gradient-checkpointing mode gives the gradients of the plain
 //! backward, bit for bit: full recompute, recompute with the attention
 //! output kept from the forward (`checkpoint_keep_attention`), and some
-//! layers not checkpointed (`checkpoint_skip_layers`). On CUDA the model has
+//! layers not checkpointed (`checkpoint_skip_layers`), no dequantized-weight
+//! cache (`checkpoint_cache_dequantized` off), and the checkpointed records
+//! offloaded to host memory (`offload_activations`). On CUDA the model has
 //! head dim 64, so the fused attention runs (its kept output and
 //! log-sum-exp are what the recompute reuses) and the NF4 base weights are
 //! dequantized once for a layer's recompute and backward.
@@ -79,11 +81,25 @@ fn check(ctx: &Ctx, dtype: DType, seq: usize) {
         "every adapter weight should get a non-zero gradient"
     );
     model.checkpointing = true;
-    for (keep, skip) in [(false, 0), (true, 0), (true, 2), (false, 1), (true, 3)] {
+    for (keep, skip, cache, stash) in [
+        (false, 0, true, false),
+        (true, 0, true, false),
+        (true, 2, true, false),
+        (false, 1, true, false),
+        (true, 3, true, false),
+        (true, 0, false, false),
+        (true, 1, true, true),
+        (false, 0, false, true),
+    ] {
         model.checkpoint_keep_attention = keep;
         model.checkpoint_skip_layers = skip;
+        model.checkpoint_cache_dequantized = cache;
+        model.offload_activations = stash;
         let (l, g) = grads(&model, &batch);
-        let mode = format!("{dtype} seq {seq}: keep_attention={keep} skip_layers={skip}");
+        let mode = format!(
+            "{dtype} seq {seq}: keep_attention={keep} skip_layers={skip} \
+             cache_dequantized={cache} offload_activations={stash}"
+        );
         assert_eq!(l, l0, "{mode}: loss");
         for ((name, a0, b0), (_, a, b)) in g0.iter().zip(&g) {
             assert_eq!(a, a0, "{mode}: {name} dA");
