@@ -23,6 +23,12 @@
 #             kept on the GPU, lookahead 1 and 2
 #   lean      the offloaded 70B runs (8 and 80 layers) with the embedding
 #             offloaded too and no dequantized-weight cache (the lowest peak)
+#   peerlean  the lean offloaded 70B-8L run and torch FSDP + CPUOffload
+#             (FULL_SHARD kept) side by side
+#   longctx   seq LONG_SEQ (200000) at micro-batch 1 with activation offload
+#             on LONG_LAYERS (4) layers of the 8B shape (the GPU peak of a
+#             layer's work does not grow with the layer count when the
+#             records are offloaded)
 #   load      a bf16 safetensors checkpoint of 70B width (LOAD_LAYERS, 20)
 #             written to disk, then loaded as NF4 into the offloaded store
 #             (load_rss at $LOAD_RSS_BIN, default .gpu/off/load_rss)
@@ -100,6 +106,19 @@ for part in $parts; do
     c=(--model llama2-70b --train-type qlora --seq 2048 --micro-batch 2 --gemm-size 0)
     run "70b-8l offloaded lean" "${c[@]}" --layers 8 --steps 10 --warmup 3 "${all_off[@]}" "${lean[@]}"
     run "70b offloaded lean" "${c[@]}" --steps 5 --warmup 2 "${all_off[@]}" "${lean[@]}" ;;
+  peerlean)
+    c=(--model llama2-70b --layers 8 --train-type qlora --seq 2048 --micro-batch 2 --steps 10 --warmup 3 --gemm-size 0)
+    run "70b-8l offloaded lean" "${c[@]}" "${all_off[@]}" --keep-embedding false --cache-dequantized false
+    PEER_SITE=${OFFLOAD_SITE:-$PWD/.gpu/off/site} PEER_RUNS="true true" PEER_STEPS=${PEER_STEPS:-6} \
+      bash scripts/gpu/peer_offload.sh >> "$log" 2>&1
+    cat "$OUT/peer.jsonl" >> "$OUT/results.jsonl" ;;
+  longctx)
+    timeout "${LONG_TIMEOUT:-90}" "$bin" bench --model llama3-8b --layers "${LONG_LAYERS:-4}" --train-type qlora \
+      --seq "${LONG_SEQ:-200000}" --micro-batch 1 --steps 2 --warmup 1 --gemm-size 0 \
+      --offload-activations --offload-params --json "$OUT/long.json" >> "$log" 2>&1 \
+      || echo "longctx failed: rc=$?" | tee -a "$log"
+    [ -s "$OUT/long.json" ] && python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["tag"]="long context"; print(json.dumps(d))' \
+      "$OUT/long.json" >> "$OUT/results.jsonl" ;;
   load)
     lr=${LOAD_RSS_BIN:-$PWD/.gpu/off/load_rss}
     dir=${LOAD_DIR:-/tmp/llmft-load-70b}
