@@ -153,6 +153,25 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         lookahead: a.lookahead,
         keep_embedding: a.keep_embedding,
     };
+    let plan_settings = crate::config::Settings {
+        offload: offload.clone(),
+        model: crate::config::ModelSettings {
+            checkpointing: a.checkpointing,
+            checkpoint_keep_attention: a.keep_attention,
+            checkpoint_skip_layers: a.skip_layers,
+            ..Default::default()
+        },
+        train: TrainConfig {
+            train_type,
+            ..TrainConfig::default()
+        },
+        lora: serde_json::from_value(json!({ "r": a.lora_r }))
+            .map_err(|e| format!("LoRA config: {e}"))?,
+        ..Default::default()
+    };
+    let tokens = a.micro_batch * a.seq;
+    crate::offload_plan::HostPlan::of(&plan_settings, &config, dtype, quant.as_ref(), tokens)
+        .check()?;
     let builder = crate::store_builder(&ctx, &offload, config.num_units())?;
     let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;

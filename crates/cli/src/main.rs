@@ -9,6 +9,7 @@ use llmft_tensor::{cuda, cuda_device_count, Ctx};
 mod bench;
 mod config;
 mod demo;
+mod offload_plan;
 mod train;
 
 #[derive(Parser)]

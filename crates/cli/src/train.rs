@@ -187,6 +187,21 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         println!("validation: {}", v.stats());
     }
 
+    // Host memory for the [offload] settings, before anything is pinned.
+    let config = llmft_models::ModelConfig::from_file(&dir.join("config.json"))
+        .map_err(|e| e.to_string())?;
+    let row = match s.data.batch.seq_len {
+        0 => data.train.stats().max_len,
+        n => n,
+    };
+    crate::offload_plan::HostPlan::of(
+        &s,
+        &config,
+        dtype,
+        quant.as_ref(),
+        row * s.data.batch.batch_size,
+    )
+    .check()?;
     let mut model = Model::from_dir_into(&dir, &ctx, dtype, quant.as_ref(), &mut |n| {
         crate::store_builder(&ctx, &s.offload, n).map_err(llmft_models::Error::Invalid)
     })

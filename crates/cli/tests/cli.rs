@@ -232,3 +232,43 @@ fn config_show_resolves_like_train() {
         "{out}"
     );
 }
+
+#[test]
+fn offload_that_cannot_fit_in_host_memory_stops_before_loading() {
+    // The 70B shape's NF4 weights (~36 GiB) and 80 layers of activations at
+    // 64 × 2048 tokens exceed any CI machine's memory: one sentence naming
+    // the setting and the bytes, before a weight is drawn.
+    let json = std::env::temp_dir().join(format!("llmft-cli-offload-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&json);
+    let t = std::time::Instant::now();
+    let (code, out, err) = llmft(&[
+        "bench",
+        "--model",
+        "llama2-70b",
+        "--device",
+        "cpu",
+        "--micro-batch",
+        "64",
+        "--offload-params",
+        "--offload-activations",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--gemm-size",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("offload.")
+            && err.contains("bytes of host memory")
+            && err.contains("available"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!json.exists(), "no partial output");
+    assert!(t.elapsed().as_secs() < 20, "the check comes before loading");
+}

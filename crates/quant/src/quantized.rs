@@ -63,6 +63,38 @@ impl QuantConfig {
         Self::Hqq(HqqConfig::new(nbits))
     }
 
+    /// Bytes a tensor of `shape` takes quantized with this config (packed
+    /// data and statistics; an upper bound within a few hundred bytes), for
+    /// planning memory before anything is loaded.
+    pub fn stored_bytes(&self, shape: &[usize]) -> usize {
+        let n = numel(shape);
+        match *self {
+            Self::Bnb4 {
+                blocksize,
+                double_quant,
+                ..
+            } => {
+                let blocks = n.div_ceil(blocksize);
+                let stats = match double_quant {
+                    true => blocks + blocks.div_ceil(NESTED_BLOCKSIZE) * 4 + 256 * 4,
+                    false => blocks * 4,
+                };
+                n.div_ceil(2) + stats + 16 * 4
+            }
+            Self::Int8 { .. } => {
+                let cols = shape.last().copied().unwrap_or(1).max(1);
+                n + (n / cols) * 4
+            }
+            Self::Hqq(c) => {
+                let groups = n.div_ceil(c.group_size.max(1));
+                let (rows, cols) = hqq::layout(n, c.group_size, c.axis);
+                // 3-bit values pack into i32 words; scale and zero f16 per group.
+                let word = if c.nbits == 3 { 4 } else { 1 };
+                hqq::packed_rows(rows, c.nbits) * cols * word + groups * 2 * 2
+            }
+        }
+    }
+
     fn check(&self, shape: &[usize]) -> Result<()> {
         let n = numel(shape);
         if shape.is_empty() || n == 0 {
