@@ -1,7 +1,21 @@
-//! llmft-offload: pinned host pools, offloaded weight stores, a CPU optimizer and activation offload (the offload issue fills it).
+//! llmft-offload: what lets a model train on a GPU smaller than it, by
+//! keeping in host memory what is not being computed on.
+//!
+//! - [`Offloaded`]: a [`llmft_tensor::store::WeightStore`] whose units live in
+//!   pinned host memory and are copied to reused GPU buffers ahead of use,
+//!   along the pass order the model declares (`offload.params`).
+//! - [`CpuAdamW`]: a threaded, vectorized host AdamW, bit-identical to the
+//!   tensor layer's CPU reference, for optimizer state kept in host memory
+//!   (`offload.optimizer`, used by `llmft-trainer`).
+//! - [`check_host_memory`]: the up-front check that a setting's pinned bytes
+//!   fit the machine.
+//!
+//! Activation offload needs the model's records and lives in `llmft-models`
+//! (`Model::offload_activations`) on the tensor layer's pinned pool and stash
+//! stream. The [`store`] module documents the offloaded store, with an example.
 
 pub mod cpu_adam;
-mod store;
+pub mod store;
 
 pub use cpu_adam::{AdamWTensor, CpuAdamW, Grad, GradElement};
 pub use store::{
