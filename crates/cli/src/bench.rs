@@ -196,20 +196,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         model.attach_adapter(adapter);
         n
     } else {
-        // full: every weight; freeze: the last `freeze_trainable_layers` layers.
-        let numel = |u: usize| -> usize {
-            config
-                .unit_tensors(u)
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum()
-        };
-        let l = config.num_layers;
-        let k = TrainConfig::default().freeze_trainable_layers.min(l);
-        match train_type {
-            TrainType::Freeze => (l - k + 1..=l).map(numel).sum(),
-            _ => (0..config.num_units()).map(numel).sum(),
-        }
+        crate::offload_plan::weights_trained(
+            &config,
+            train_type,
+            TrainConfig::default().freeze_trainable_layers,
+        )
     };
     ctx.synchronize().map_err(|e| e.to_string())?;
     let load_s = t_load.elapsed().as_secs_f64();

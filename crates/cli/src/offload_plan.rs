@@ -3,6 +3,7 @@
 //! it stops with one sentence naming the setting and the bytes.
 use llmft_models::{is_quantizable, ModelConfig, QuantConfig};
 use llmft_tensor::DType;
+use llmft_trainer::TrainType;
 
 use crate::config::Settings;
 
@@ -83,10 +84,24 @@ impl HostPlan {
 }
 
 /// Trainable parameters, at most: LoRA of rank `lora.r` on every decoder
-/// linear for adapter recipes (DoRA adds a magnitude per output), every
-/// weight for `full`, the last layers' for `freeze`.
+/// linear for adapter recipes (DoRA adds a magnitude per output), else
+/// [`weights_trained`].
 fn trainable_upper_bound(s: &Settings, config: &ModelConfig) -> usize {
     let tt = s.train.train_type;
+    if !tt.uses_adapter() {
+        return weights_trained(config, tt, s.train.freeze_trainable_layers);
+    }
+    let r = s.lora.r;
+    (1..=config.num_layers)
+        .flat_map(|u| config.unit_tensors(u))
+        .filter(|(name, _)| is_quantizable(name))
+        .map(|(_, sh)| r * (sh[0] + sh[1]) + sh[0])
+        .sum()
+}
+
+/// The model weights `full` (every weight) or `freeze` (the last
+/// `freeze_layers` decoder layers) trains.
+pub fn weights_trained(config: &ModelConfig, tt: TrainType, freeze_layers: usize) -> usize {
     let numel = |u: usize| -> usize {
         config
             .unit_tensors(u)
@@ -94,18 +109,10 @@ fn trainable_upper_bound(s: &Settings, config: &ModelConfig) -> usize {
             .map(|(_, sh)| sh.iter().product::<usize>())
             .sum()
     };
-    if tt.uses_adapter() {
-        let r = s.lora.r;
-        return (1..=config.num_layers)
-            .flat_map(|u| config.unit_tensors(u))
-            .filter(|(name, _)| is_quantizable(name))
-            .map(|(_, sh)| r * (sh[0] + sh[1]) + sh[0])
-            .sum();
-    }
     match tt {
-        llmft_trainer::TrainType::Freeze => {
+        TrainType::Freeze => {
             let l = config.num_layers;
-            let k = s.train.freeze_trainable_layers.min(l);
+            let k = freeze_layers.min(l);
             (l - k + 1..=l).map(numel).sum()
         }
         _ => (0..config.num_units()).map(numel).sum(),
