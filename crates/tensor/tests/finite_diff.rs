@@ -34,6 +34,21 @@ fn check_grad(
     rng: &mut SeedRng,
     terms: impl Fn(&[f32]) -> Vec<f64>,
 ) {
+    check_grad_summed(what, x, grad, eps, rng, 1, terms)
+}
+
+/// [`check_grad`] for terms that are each an f32 sum of `summed` values
+/// computed inside the op (a cross-entropy loss over rows and vocabulary):
+/// their rounding noise grows like `√summed`.
+fn check_grad_summed(
+    what: &str,
+    x: &[f32],
+    grad: &[f64],
+    eps: f64,
+    rng: &mut SeedRng,
+    summed: usize,
+    terms: impl Fn(&[f32]) -> Vec<f64>,
+) {
     assert_eq!(x.len(), grad.len(), "{what}: gradient length");
     let v = rng.normals64(x.len(), 1.0);
     let xp: Vec<f32> = x
@@ -53,7 +68,7 @@ fn check_grad(
         .collect();
     let (tp, tm) = (terms(&xp), terms(&xm));
     let fd = tp.iter().sum::<f64>() - tm.iter().sum::<f64>();
-    let noise = 2.0 * f32::EPSILON as f64 * (norm(&tp) + norm(&tm));
+    let noise = 2.0 * f32::EPSILON as f64 * (norm(&tp) + norm(&tm)) * (summed as f64).sqrt();
     let an = dot(grad, &step);
     let typical = norm(grad) * norm(&step) / (x.len().max(1) as f64).sqrt();
     let err = (fd - an).abs();
@@ -272,8 +287,12 @@ proptest! {
         let mut dw = host_zeros(DType::F32, &[v, d]);
         ops::lm_head_cross_entropy(&cpu(), &t32(&h, &[n, d]), &t32(&w, &[v, d]), &tl, &opts,
                                    Some(LmHeadGrads { dh: &mut dh, dw: Some(&mut dw) })).unwrap();
-        check_grad("cross-entropy dh", &h, &f64s(&dh), 2e-3, &mut rng, |h| vec![loss(h, &w)]);
-        check_grad("cross-entropy dw", &w, &f64s(&dw), 2e-3, &mut rng, |w| vec![loss(&h, w)]);
+        // The loss is an f32 sum over n rows of log-sum-exps over v logits.
+        let summed = n * v;
+        check_grad_summed("cross-entropy dh", &h, &f64s(&dh), 2e-3, &mut rng, summed,
+                          |h| vec![loss(h, &w)]);
+        check_grad_summed("cross-entropy dw", &w, &f64s(&dw), 2e-3, &mut rng, summed,
+                          |w| vec![loss(&h, w)]);
     }
 }
 
