@@ -3,7 +3,7 @@
 use crate::config::DataConfig;
 use crate::error::{Error, Location, Result};
 use crate::format::Example;
-use crate::template::{ChatTemplate, RenderedChat};
+use crate::template::{ChatTemplate, MaskRule, RenderedChat};
 use crate::tokenizer::ModelTokenizer;
 
 /// Label of a token that is not trained (PyTorch's `ignore_index`).
@@ -48,8 +48,9 @@ pub struct TokenizedChat {
 /// without the tokenizer's post-processor (the template writes bos/eos
 /// itself, as transformers' `apply_chat_template` does); a doubled leading
 /// bos is collapsed to one. A token is trained when its first byte lies in
-/// an assistant span (all assistant turns of a multi-turn conversation), or
-/// always with `train_on_prompt`.
+/// an assistant span (all assistant turns of a multi-turn conversation) —
+/// when it overlaps one for templates with `{% generation %}` blocks, as in
+/// transformers ([`crate::MaskRule`]) — or always with `train_on_prompt`.
 ///
 /// Truncation to `cutoff_len` tokens:
 /// 1. keep the longest prefix that ends at the end of an assistant turn and
@@ -111,6 +112,7 @@ impl Encoder {
             Example::Text(t) => Ok(RenderedChat {
                 text: t.clone(),
                 spans: std::iter::once(0..t.len()).collect(),
+                rule: MaskRule::FirstByte,
             }),
         }
     }
@@ -137,16 +139,24 @@ impl Encoder {
                 offsets.remove(0);
             }
         }
-        // Spans are sorted and disjoint; walk them alongside the tokens.
+        // Spans are sorted and disjoint; walk them alongside the tokens (for
+        // `Overlap` exactly as transformers builds `assistant_masks`).
+        let spans = &rendered.spans;
         let mut trained = Vec::with_capacity(ids.len());
-        let mut turn_ends = Vec::with_capacity(rendered.spans.len());
+        let mut turn_ends = Vec::with_capacity(spans.len());
         let mut s = 0;
-        for (t, &(start, _)) in offsets.iter().enumerate() {
-            while s < rendered.spans.len() && start >= rendered.spans[s].end {
+        for (t, &(start, end)) in offsets.iter().enumerate() {
+            while s < spans.len() && start >= spans[s].end {
                 turn_ends.push(t);
                 s += 1;
             }
-            trained.push(s < rendered.spans.len() && start >= rendered.spans[s].start);
+            trained.push(
+                s < spans.len()
+                    && match rendered.rule {
+                        MaskRule::FirstByte => start >= spans[s].start,
+                        MaskRule::Overlap => end > spans[s].start,
+                    },
+            );
         }
         turn_ends.extend(std::iter::repeat_n(ids.len(), rendered.spans.len() - s));
         Ok(TokenizedChat {

@@ -65,5 +65,5 @@ pub use inspect::{ExampleView, TRAINED_CLOSE, TRAINED_OPEN};
 pub use reader::{read_file, Record, RecordIter};
 pub use rng::SplitMix64;
 pub use source::{hub_cache_dir, hub_snapshot, resolve, FileKind};
-pub use template::{builtin, ChatTemplate, JinjaTemplate, RenderedChat, SegmentTemplate};
+pub use template::{builtin, ChatTemplate, JinjaTemplate, MaskRule, RenderedChat, SegmentTemplate};
 pub use tokenizer::{ModelTokenizer, Offsets};

@@ -5,16 +5,32 @@
 //! - [`JinjaTemplate`]: a Hugging Face Jinja `chat_template`, rendered with
 //!   minijinja configured like transformers (`trim_blocks`, `lstrip_blocks`,
 //!   Python string methods, `raise_exception`, `strftime_now`, Python-style
-//!   `tojson`). Real templates do not mark assistant text, so spans come from
-//!   rendering prefixes: for assistant message `i`, `before` is the
-//!   conversation up to `i` with `add_generation_prompt=true` and `through`
-//!   is up to and including `i` without it; the trained span is
-//!   `through[len(before)..]` — the message's content and the end-of-turn
-//!   text the template writes after it. When the template is not
-//!   prefix-stable (it renders a message differently once later messages
-//!   follow, as Qwen3's does with empty think blocks), that span text is
-//!   searched in the full rendering after the previous span and the user
-//!   message before it — whole, or from the message content on.
+//!   `tojson`).
+//!   - A template that marks assistant text with `{% generation %}` …
+//!     `{% endgeneration %}` (the markers transformers reads for
+//!     `return_assistant_tokens_mask=True`) is trained on exactly what those
+//!     blocks enclose. The markers stay block tags, so `trim_blocks`,
+//!     `lstrip_blocks` and `{%-`/`-%}`/`{%+`/`+%}` treat them as Jinja does:
+//!     each is rewritten to a `{% call %}` block (a macro body, scoped as
+//!     transformers' `CallBlock` is) whose function wraps the body's output in
+//!     two Unicode noncharacters; those are removed from the rendered text
+//!     and their positions become the spans. The text is checked against a
+//!     rendering without the marks (where a block renders its body as is,
+//!     as in transformers), so a template that edits a block's output after
+//!     rendering it is refused rather than rendered differently. A token is
+//!     trained when it overlaps a span ([`MaskRule::Overlap`], transformers'
+//!     rule).
+//!   - Other templates do not mark assistant text, so spans come from
+//!     rendering prefixes: for assistant message `i`, `before` is the
+//!     conversation up to `i` with `add_generation_prompt=true` and `through`
+//!     is up to and including `i` without it; the trained span is
+//!     `through[len(before)..]` — the message's content and the end-of-turn
+//!     text the template writes after it. When the template is not
+//!     prefix-stable (it renders a message differently once later messages
+//!     follow, as Qwen3's does with empty think blocks), that span text is
+//!     searched in the full rendering after the previous span and the user
+//!     message before it — whole, or from the message content on. A token is
+//!     trained when its first byte lies in a span ([`MaskRule::FirstByte`]).
 //! - [`SegmentTemplate`]: built from format strings (the built-ins and
 //!   `custom`); spans are exactly the assistant format's text.
 
@@ -33,8 +49,26 @@ use crate::tokenizer::ModelTokenizer;
 pub struct RenderedChat {
     /// The full text.
     pub text: String,
-    /// Byte ranges of `text` that are trained, one per assistant message.
+    /// Byte ranges of `text` that are trained, sorted and disjoint: one per
+    /// assistant message, or one per `{% generation %}` block.
     pub spans: Vec<Range<usize>>,
+    /// Which tokens the spans train.
+    pub rule: MaskRule,
+}
+
+/// Which tokens of a rendered chat its spans train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskRule {
+    /// A token whose first byte lies in a span (spans found by prefix
+    /// rendering, format-string templates, plain text).
+    #[default]
+    FirstByte,
+    /// A token that overlaps a span, as transformers masks
+    /// `{% generation %}` blocks: while a token starts at or after the end
+    /// of the current span, move to the next span; the token is trained
+    /// when it ends after that span's start (so a token straddling even an
+    /// empty span's position is trained).
+    Overlap,
 }
 
 /// A chat template of either kind.
@@ -296,7 +330,11 @@ impl SegmentTemplate {
                 }
             }
         }
-        RenderedChat { text, spans }
+        RenderedChat {
+            text,
+            spans,
+            rule: MaskRule::FirstByte,
+        }
     }
 }
 
@@ -305,6 +343,9 @@ pub struct JinjaTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// Whether the template has `{% generation %}` blocks (spans come from
+    /// them rather than from prefix rendering).
+    marked: bool,
 }
 
 impl std::fmt::Debug for JinjaTemplate {
@@ -312,17 +353,36 @@ impl std::fmt::Debug for JinjaTemplate {
         f.debug_struct("JinjaTemplate")
             .field("bos", &self.bos)
             .field("eos", &self.eos)
+            .field("marked", &self.marked)
             .finish()
     }
 }
 
 const NAME: &str = "chat_template";
 
+/// The function a `{% generation %}` block becomes a `{% call %}` of.
+const GENERATION_FN: &str = "__llmft_generation";
+
+/// Opens the output of a `{% generation %}` block while rendering (a Unicode
+/// noncharacter, reserved for a program's internal use; a message or
+/// template that contains it is refused).
+const GEN_OPEN: char = '\u{FDD0}';
+/// Closes the output of a `{% generation %}` block while rendering.
+const GEN_CLOSE: char = '\u{FDD1}';
+
 impl JinjaTemplate {
-    /// Compile `source`. `{% generation %}` markers (which some templates
-    /// carry for transformers' assistant masks) are dropped: spans come from
-    /// prefix rendering either way.
+    /// Compile `source`. `{% generation %}` … `{% endgeneration %}` blocks
+    /// (transformers' assistant-mask markers), if any, become the trained
+    /// spans; they render as Jinja renders them, whitespace control included.
     pub fn new(name: &str, source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
+        let template_error = |message: String| Error::Template {
+            name: name.into(),
+            message,
+        };
+        if source.contains([GEN_OPEN, GEN_CLOSE]) {
+            return Err(template_error(reserved_message("the template")));
+        }
+        let (source, marked) = rewrite_generation_tags(source);
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -334,17 +394,22 @@ impl JinjaTemplate {
             },
         );
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
+        env.add_function(GENERATION_FN, generation_block);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, strip_generation_tags(source))
-            .map_err(|e| Error::Template {
-                name: name.into(),
-                message: describe(&e),
-            })?;
+        env.add_template_owned(NAME, source)
+            .map_err(|e| template_error(describe(&e)))?;
         Ok(JinjaTemplate {
             env,
             bos: bos.unwrap_or("").to_string(),
             eos: eos.unwrap_or("").to_string(),
+            marked,
         })
+    }
+
+    /// Whether the template marks assistant text with `{% generation %}`
+    /// blocks (then they alone give the trained spans).
+    pub fn has_generation_blocks(&self) -> bool {
+        self.marked
     }
 
     /// Render messages as transformers' `apply_chat_template(tokenize=False)`.
@@ -353,20 +418,70 @@ impl JinjaTemplate {
         messages: &[JValue],
         add_generation_prompt: bool,
     ) -> std::result::Result<String, String> {
+        self.render_with(messages, add_generation_prompt, false)
+    }
+
+    /// The rendering; with `track`, each generation block's output is
+    /// between [`GEN_OPEN`] and [`GEN_CLOSE`], without it the block renders
+    /// its body as is (as transformers' extension does).
+    fn render_with(
+        &self,
+        messages: &[JValue],
+        add_generation_prompt: bool,
+        track: bool,
+    ) -> std::result::Result<String, String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos,
             eos_token => &self.eos,
+            __llmft_track_generation => track,
         })
         .map_err(|e| describe(&e))
     }
 
-    /// Render a conversation and find its assistant spans by prefix rendering.
+    /// Render a conversation (without a generation prompt) and find its
+    /// trained spans.
     pub fn render_chat(&self, conv: &Conversation) -> std::result::Result<RenderedChat, String> {
+        self.render_conversation(conv, false)
+    }
+
+    /// Render a conversation as `apply_chat_template(conv,
+    /// add_generation_prompt=…)` does and find its trained spans: the
+    /// `{% generation %}` blocks when the template has them (the spans and
+    /// [`MaskRule::Overlap`] of `return_assistant_tokens_mask=True`), else by
+    /// prefix rendering (see the module docs).
+    pub fn render_conversation(
+        &self,
+        conv: &Conversation,
+        add_generation_prompt: bool,
+    ) -> std::result::Result<RenderedChat, String> {
         let messages: Vec<JValue> = conv.messages.iter().map(JValue::from_serialize).collect();
-        let text = self.render(&messages, false)?;
+        if self.marked {
+            if let Some(i) = conv
+                .messages
+                .iter()
+                .position(|m| m.content.contains([GEN_OPEN, GEN_CLOSE]))
+            {
+                return Err(reserved_message(&format!("message {i}")));
+            }
+            let raw = self.render_with(&messages, add_generation_prompt, true)?;
+            let (text, spans) = split_generation_marks(&raw)?;
+            // The marks are invisible to the template unless it edits a
+            // block's output after rendering it (a filter or a string method
+            // on a captured block); then the text would differ from
+            // transformers', and this is refused.
+            if text != self.render(&messages, add_generation_prompt)? {
+                return Err(UNTRACKABLE.into());
+            }
+            return Ok(RenderedChat {
+                text,
+                spans,
+                rule: MaskRule::Overlap,
+            });
+        }
+        let text = self.render(&messages, add_generation_prompt)?;
         let mut spans: Vec<Range<usize>> = Vec::new();
         let mut cursor = 0;
         for (i, m) in conv.messages.iter().enumerate() {
@@ -383,7 +498,7 @@ impl JinjaTemplate {
                 Role::System => continue,
             }
             let before = self.render(&messages[..i], true)?;
-            let through = if i + 1 == messages.len() {
+            let through = if i + 1 == messages.len() && !add_generation_prompt {
                 text.clone()
             } else {
                 self.render(&messages[..=i], false)?
@@ -403,9 +518,81 @@ impl JinjaTemplate {
             cursor = span.end;
             spans.push(span);
         }
-        Ok(RenderedChat { text, spans })
+        Ok(RenderedChat {
+            text,
+            spans,
+            rule: MaskRule::FirstByte,
+        })
     }
 }
+
+fn reserved_message(what: &str) -> String {
+    format!(
+        "{what} contains U+FDD0 or U+FDD1, which llmft reserves to track {{% generation %}} blocks"
+    )
+}
+
+/// A `{% generation %}` block: its body (its `caller`), between the marks
+/// when tracking.
+fn generation_block(
+    state: &minijinja::State,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<JValue, minijinja::Error> {
+    let caller: JValue = kwargs.get("caller")?;
+    kwargs.assert_all_used()?;
+    let body = caller.call(state, &[])?;
+    let track = state
+        .lookup("__llmft_track_generation")
+        .is_some_and(|v| v.is_true());
+    if !track {
+        return Ok(body);
+    }
+    let mut out = String::new();
+    out.push(GEN_OPEN);
+    match body.as_str() {
+        Some(s) => out.push_str(s),
+        None => out.push_str(&body.to_string()),
+    }
+    out.push(GEN_CLOSE);
+    Ok(JValue::from_safe_string(out))
+}
+
+/// Remove the generation marks from `raw`; the byte ranges (in the result)
+/// of the outermost marked blocks, in order. Marks that do not pair up (the
+/// template cut a block's output apart) are an error.
+fn split_generation_marks(raw: &str) -> std::result::Result<(String, Vec<Range<usize>>), String> {
+    let mut text = String::with_capacity(raw.len());
+    let mut spans = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    let mut rest = raw;
+    while let Some(p) = rest.find([GEN_OPEN, GEN_CLOSE]) {
+        text.push_str(&rest[..p]);
+        let mark = rest[p..].chars().next().expect("a mark");
+        if mark == GEN_OPEN {
+            if depth == 0 {
+                start = text.len();
+            }
+            depth += 1;
+        } else {
+            if depth == 0 {
+                return Err(UNTRACKABLE.into());
+            }
+            depth -= 1;
+            if depth == 0 {
+                spans.push(start..text.len());
+            }
+        }
+        rest = &rest[p + mark.len_utf8()..];
+    }
+    if depth != 0 {
+        return Err(UNTRACKABLE.into());
+    }
+    text.push_str(rest);
+    Ok((text, spans))
+}
+
+const UNTRACKABLE: &str = "the template edits the output of a {% generation %} block after rendering it (a filter or string method on a captured block), so the trained text cannot be located";
 
 /// Find an assistant span in `text` at or after `from`: the whole
 /// `span_text`, else `span_text` from the last occurrence of the message
@@ -440,23 +627,116 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
-fn strip_generation_tags(source: &str) -> String {
-    let mut out = String::with_capacity(source.len());
-    let mut rest = source;
-    while let Some(open) = rest.find("{%") {
-        let Some(close) = rest[open..].find("%}") else {
+/// Rewrite `{% generation %}` / `{% endgeneration %}` into
+/// `{% call __llmft_generation() %}` / `{% endcall %}`, keeping each tag's
+/// whitespace modifiers (`-`, `+`): they stay block tags, so `trim_blocks`,
+/// `lstrip_blocks` and explicit trimming apply to them exactly as to the
+/// originals, and the body is a macro body as in transformers' extension.
+/// Comments, `{% raw %}` blocks and string literals inside tags are left
+/// alone. Also whether any tag was rewritten.
+fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    let bytes = source.as_bytes();
+    let mut out = String::with_capacity(source.len() + 64);
+    let mut copied = 0;
+    let mut marked = false;
+    let mut i = 0;
+    while let Some(p) = source[i..].find('{') {
+        let open = i + p;
+        i = match bytes.get(open + 1) {
+            Some(b'#') => source[open + 2..]
+                .find("#}")
+                .map_or(source.len(), |q| open + 2 + q + 2),
+            Some(b'{') => tag_end(source, open + 2, b'}').unwrap_or(source.len()),
+            Some(b'%') => {
+                let Some(end) = tag_end(source, open + 2, b'%') else {
+                    break;
+                };
+                let (lmod, word, rmod) = split_tag(&source[open + 2..end - 2]);
+                let replacement = match word {
+                    "generation" => Some(format!("call {GENERATION_FN}()")),
+                    "endgeneration" => Some("endcall".to_string()),
+                    _ => None,
+                };
+                if let Some(r) = replacement {
+                    out.push_str(&source[copied..open]);
+                    out.push_str(&format!("{{%{lmod} {r} {rmod}%}}"));
+                    copied = end;
+                    marked = true;
+                    end
+                } else if word.split_whitespace().next() == Some("raw") {
+                    raw_end(source, end)
+                } else {
+                    end
+                }
+            }
+            _ => open + 1,
+        };
+    }
+    out.push_str(&source[copied..]);
+    (out, marked)
+}
+
+/// A block tag's inside split into its leading modifier, its trimmed
+/// statement and its trailing modifier.
+fn split_tag(inner: &str) -> (&str, &str, &str) {
+    let (lmod, body) = match inner.as_bytes().first() {
+        Some(b'-' | b'+') => inner.split_at(1),
+        _ => ("", inner),
+    };
+    let (body, rmod) = match body.as_bytes().last() {
+        Some(b'-' | b'+') => body.split_at(body.len() - 1),
+        _ => (body, ""),
+    };
+    (lmod, body.trim(), rmod)
+}
+
+/// The byte index just past the `<close>}` that ends the tag whose inside
+/// starts at `from`, skipping string literals and bracketed expressions.
+fn tag_end(source: &str, from: usize, close: u8) -> Option<usize> {
+    let bytes = source.as_bytes();
+    let mut depth = 0usize;
+    let mut quote = None;
+    let mut k = from;
+    while k < bytes.len() {
+        let b = bytes[k];
+        match quote {
+            Some(q) => {
+                if b == b'\\' {
+                    k += 1;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'\'' | b'"' => quote = Some(b),
+                b'(' | b'[' | b'{' => depth += 1,
+                _ if b == close && depth == 0 && bytes.get(k + 1) == Some(&b'}') => {
+                    return Some(k + 2);
+                }
+                b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        k += 1;
+    }
+    None
+}
+
+/// The byte index just past the `{% endraw %}` after `from`.
+fn raw_end(source: &str, from: usize) -> usize {
+    let mut i = from;
+    while let Some(p) = source[i..].find("{%") {
+        let open = i + p;
+        let Some(q) = source[open + 2..].find("%}") else {
             break;
         };
-        let tag = &rest[open + 2..open + close];
-        let word = tag.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
-        out.push_str(&rest[..open]);
-        if word != "generation" && word != "endgeneration" {
-            out.push_str(&rest[open..open + close + 2]);
+        let end = open + 2 + q + 2;
+        if split_tag(&source[open + 2..end - 2]).1 == "endraw" {
+            return end;
         }
-        rest = &rest[open + close + 2..];
+        i = open + 2;
     }
-    out.push_str(rest);
-    out
+    source.len()
 }
 
 /// `tojson` as transformers defines it: Python `json.dumps` spacing
@@ -618,12 +898,90 @@ mod tests {
     }
 
     #[test]
-    fn generation_tags_are_dropped() {
-        let src = "{% for m in messages %}{%- generation -%}{{ m.content }}{% endgeneration %}{% endfor %}";
+    fn generation_tags_become_call_blocks_with_their_modifiers() {
+        let src = "{% for m in messages %}{%- generation -%}{{ m.content }}{%+ endgeneration +%}{% endfor %}";
         assert_eq!(
-            strip_generation_tags(src),
-            "{% for m in messages %}{{ m.content }}{% endfor %}"
+            rewrite_generation_tags(src),
+            (
+                "{% for m in messages %}{%- call __llmft_generation() -%}{{ m.content }}{%+ endcall +%}{% endfor %}".to_string(),
+                true
+            )
         );
+        // Comments, raw blocks and string literals are not tags.
+        let src = "x{# {% generation %} #}{% raw %}{% generation %}{%- endraw %}{{ '{% generation %}' }}{% set s = '%}{% generation %}' %}{{ {'a': {'b': '}}'}} }}";
+        assert_eq!(rewrite_generation_tags(src), (src.to_string(), false));
+    }
+
+    /// Expected text and spans from transformers' `AssistantTracker`
+    /// (`_render_with_assistant_indices`, transformers 5.24, jinja2 3.1.6)
+    /// for messages `[user "a", assistant "b"]`.
+    #[test]
+    fn generation_blocks_render_and_track_as_transformers() {
+        type Case = (&'static str, &'static str, &'static [(usize, usize)]);
+        let cases: [Case; 14] = [
+            ("{% generation %}{% set x = 1 %}{{ x }}{% endgeneration %}[{{ x }}]", "1[]", &[(0, 1)]),
+            ("{% for m in messages %}{% generation %}{{ loop.index }}{{ m.content }}{% endgeneration %}{% endfor %}", "1a2b", &[(0, 2), (2, 4)]),
+            ("{% set ns = namespace(a=0) %}{% for m in messages %}{% generation %}{% set ns.a = ns.a + 1 %}{% endgeneration %}{% endfor %}{{ ns.a }}", "2", &[(0, 0), (0, 0)]),
+            ("{% set x = 5 %}{% for m in messages %}{% set x = loop.index %}{% generation %}{{ x }}{% endgeneration %}{% endfor %}", "12", &[(0, 1), (1, 2)]),
+            ("A\n   {%+ generation %}\n   X\n   {% endgeneration +%}\n   B", "A\n      X\n\n   B", &[(5, 10)]),
+            ("A\n   {%- generation %}\n   X\n   {% endgeneration -%}\n   B", "A   X\nB", &[(1, 6)]),
+            ("{% macro f() %}{% generation %}m{% endgeneration %}{% endmacro %}pre{{ f() }}", "prem", &[(3, 4)]),
+            ("{%generation%}Z{%endgeneration%}", "Z", &[(0, 1)]),
+            ("{% generation -%}  Z  {%- endgeneration %}", "Z", &[(0, 1)]),
+            ("{% for m in messages %}<{{ m.role }}>\n{% if m.role == 'assistant' %}\n{% generation %}\n{{ m.content }}</s>\n{% endgeneration %}\n{% else %}\n{{ m.content }}</s>\n{% endif %}\n{% endfor %}", "<user>\na</s>\n<assistant>\nb</s>\n", &[(25, 31)]),
+            ("{% for m in messages %}\n  {% generation %}\n  [{{ m.content }}]\n  {% endgeneration %}\n  tail\n{% endfor %}", "  [a]\n  tail\n  [b]\n  tail\n", &[(0, 6), (13, 19)]),
+            ("{%- for m in messages -%}\n\t{%- if m.role == 'assistant' %}\t{% generation %} {{ m.content }} {% endgeneration %}\t{% endif %}\n{% endfor %}", "\t b \t", &[(1, 4)]),
+            // transformers records (0, 1) here: it measures against the
+            // top-level output, which a `{% set %}` block's body is not yet
+            // part of; the marks give the body's real place.
+            ("{% set y %}{% generation %}Q{% endgeneration %}{% endset %}ab{{ y }}", "abQ", &[(2, 3)]),
+            // Nested blocks: the outermost one (transformers' two spans cover
+            // the same tokens).
+            ("{% generation %}{% generation %}in{% endgeneration %}out{% endgeneration %}", "inout", &[(0, 5)]),
+        ];
+        let c = conv(&[(Role::User, "a"), (Role::Assistant, "b")]);
+        for (src, text, spans) in cases {
+            let t = JinjaTemplate::new("t", src, None, None).unwrap();
+            assert!(t.has_generation_blocks(), "{src}");
+            let r = t.render_chat(&c).unwrap();
+            assert_eq!(r.text, text, "{src}");
+            let got: Vec<(usize, usize)> = r.spans.iter().map(|s| (s.start, s.end)).collect();
+            assert_eq!(got, spans, "{src}");
+            assert_eq!(r.rule, MaskRule::Overlap);
+            let messages: Vec<JValue> = c.messages.iter().map(JValue::from_serialize).collect();
+            assert_eq!(t.render(&messages, false).unwrap(), text, "{src}");
+        }
+    }
+
+    #[test]
+    fn generation_marks_in_input_are_refused() {
+        let t = JinjaTemplate::new(
+            "t",
+            "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = t
+            .render_chat(&conv(&[(Role::User, "a"), (Role::Assistant, "b\u{FDD1}")]))
+            .unwrap_err();
+        assert!(
+            err.starts_with("message 1 contains U+FDD0 or U+FDD1"),
+            "{err}"
+        );
+        let err = JinjaTemplate::new("t", "{{ '\u{FDD0}' }}", None, None).unwrap_err();
+        assert!(err.to_string().contains("U+FDD0"), "{err}");
+        // Templates that edit a block's output after rendering it.
+        for src in [
+            "{% set y %}{% generation %}Q{% endgeneration %}{% endset %}{{ y[1:] }}",
+            "{% filter trim %}{% generation %} Q {% endgeneration %}{% endfilter %}",
+        ] {
+            let t = JinjaTemplate::new("t", src, None, None).unwrap();
+            let c = conv(&[(Role::Assistant, "b")]);
+            assert_eq!(t.render_chat(&c).unwrap_err(), UNTRACKABLE, "{src}");
+            let messages: Vec<JValue> = c.messages.iter().map(JValue::from_serialize).collect();
+            assert!(t.render(&messages, false).is_ok());
+        }
     }
 
     #[test]
