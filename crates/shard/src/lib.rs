@@ -1,8 +1,45 @@
 //! llmft-shard: process groups, collectives and FSDP-style sharded weight
-//! stores (the sharded store and NCCL collectives arrive with the FSDP issue).
+//! stores.
 //!
-//! What is here now: [`WorldInfo`], the rank/world layout of a multi-GPU job,
-//! read from torchrun-style or SLURM variables.
+//! What is here now:
+//! - [`WorldInfo`]: the rank/world layout of a multi-process job, read from
+//!   torchrun-style or SLURM variables.
+//! - [`TcpStore`]: the rendezvous key/value store (rank 0 serves it on
+//!   `MASTER_ADDR:MASTER_PORT`, every rank connects), with `set`/`get`/`wait`,
+//!   counters and a barrier.
+//! - [`ProcessGroup`]: the collectives the trainer and the sharded store use
+//!   (`all_reduce_sum`, `all_gather`, `reduce_scatter_sum`, `broadcast`,
+//!   `barrier`), and [`init_process_group`] that builds one.
+//! - [`CpuGroup`]: the CPU backend (the role gloo plays for PyTorch): real
+//!   processes joined in a ring of TCP connections; ring reduce-scatter and
+//!   all-gather, so every rank gets bit-identical sums. Every blocking read
+//!   has a timeout, and a dead peer becomes an error that names it.
+//!
+//! The NCCL backend and the FSDP sharded weight store come next.
+//!
+//! A world of one process needs no network:
+//!
+//! ```
+//! use llmft_shard::{init_process_group, GroupConfig, WorldInfo};
+//! use llmft_tensor::{Ctx, DType, Tensor};
+//! let ctx = Ctx::cpu();
+//! let pg = init_process_group(&WorldInfo::single(), GroupConfig::default())?;
+//! assert_eq!((pg.rank(), pg.world_size()), (0, 1));
+//! let mut grad = Tensor::from_f32(&ctx, &[1.0, 2.0, 3.0], DType::F32, &[3])?;
+//! pg.all_reduce_sum(&ctx, &mut grad)?;
+//! assert_eq!(grad.to_vec::<f32>()?, vec![1.0, 2.0, 3.0]);
+//! let mut full = Tensor::zeros(&ctx, DType::F32, &[3])?;
+//! pg.all_gather(&ctx, &grad, &mut full)?;
+//! pg.barrier(&ctx)?;
+//! # Ok::<(), llmft_shard::Error>(())
+//! ```
+//!
+//! Started as `torchrun --nproc-per-node 2 --no-python prog` (or `srun`, or
+//! by hand with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), the same
+//! program runs as two ranks: `WorldInfo::from_env()?` then
+//! `init_process_group(&world, GroupConfig::default())?`.
+//!
+//! [`WorldInfo::from_vars`] parses the variables:
 //!
 //! ```
 //! let w = llmft_shard::WorldInfo::from_vars(|k| match k {
@@ -15,7 +52,30 @@
 //! # Ok::<(), llmft_shard::Error>(())
 //! ```
 
-/// Errors of this crate.
+mod cpu;
+mod group;
+mod store;
+
+use std::time::Duration;
+
+pub use cpu::CpuGroup;
+pub use group::{init_process_group, Backend, GroupConfig, ProcessGroup};
+pub use store::TcpStore;
+
+/// Results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Seconds as people write them in messages: `30`, `0.5`.
+fn secs(d: &Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.3}").trim_end_matches('0').to_string()
+    }
+}
+
+/// Errors of this crate. None of them is raised by a panic.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An environment variable holds something that is not what it must be.
@@ -28,6 +88,128 @@ pub enum Error {
         /// What is wrong.
         why: &'static str,
     },
+    /// The rendezvous did not complete in time.
+    #[error("rank {rank}: no rendezvous at {addr} within {} s: {what}", secs(.timeout))]
+    Rendezvous {
+        /// This process's rank.
+        rank: usize,
+        /// The store address (`MASTER_ADDR:MASTER_PORT`).
+        addr: String,
+        /// What this rank waited for.
+        what: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// A socket could not be opened for listening.
+    #[error("rank {rank}: cannot listen on {addr} ({purpose}): {source}")]
+    Listen {
+        /// This process's rank.
+        rank: usize,
+        /// The address.
+        addr: String,
+        /// What the socket is for.
+        purpose: &'static str,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// A key of the store was not set in time.
+    #[error("store at {addr}: key `{key}` was not set within {} s", secs(.timeout))]
+    StoreTimeout {
+        /// The store address.
+        addr: String,
+        /// The key.
+        key: String,
+        /// How long the wait lasted.
+        timeout: Duration,
+    },
+    /// Talking to the store failed (it closed, or the socket failed).
+    #[error("store at {addr}: {msg}")]
+    Store {
+        /// The store address.
+        addr: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// A peer closed its connection (it exited or was killed).
+    #[error("{op}: rank {peer} closed the connection")]
+    PeerClosed {
+        /// The collective.
+        op: &'static str,
+        /// The peer.
+        peer: usize,
+    },
+    /// A peer sent nothing for the whole timeout.
+    #[error("{op}: no data from rank {peer} within {} s", secs(.timeout))]
+    PeerTimeout {
+        /// The collective.
+        op: &'static str,
+        /// The peer.
+        peer: usize,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// Another rank failed in a collective and told the ring.
+    #[error("{reason} (detected by rank {origin})")]
+    PeerFailed {
+        /// The rank that saw the failure first.
+        origin: usize,
+        /// Its error message.
+        reason: String,
+    },
+    /// A socket error other than a closed connection or a timeout.
+    #[error("{op}: socket error with rank {peer}: {source}")]
+    Io {
+        /// The collective.
+        op: &'static str,
+        /// The peer.
+        peer: usize,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// A peer sent something this rank did not expect (ranks calling
+    /// different collectives, or with different sizes).
+    #[error("{op}: rank {peer} {msg}")]
+    Protocol {
+        /// The collective.
+        op: &'static str,
+        /// The peer.
+        peer: usize,
+        /// What it sent.
+        msg: String,
+    },
+    /// An earlier collective failed; the group cannot be used any more.
+    #[error("process group is unusable after an earlier failure: {reason}")]
+    Broken {
+        /// The earlier failure.
+        reason: String,
+    },
+    /// A tensor the CPU backend cannot use.
+    #[error("{op}: the CPU process group needs host tensors, but {what} lives on {device}")]
+    NotHost {
+        /// The collective.
+        op: &'static str,
+        /// Which argument.
+        what: &'static str,
+        /// Where it lives.
+        device: llmft_tensor::Device,
+    },
+    /// A bad argument (dtype, size, root).
+    #[error("{op}: {msg}")]
+    Invalid {
+        /// The collective.
+        op: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A backend this build does not have yet.
+    #[error("the {backend} process-group backend is not built yet; use the CPU backend")]
+    NotBuilt {
+        /// The backend.
+        backend: &'static str,
+    },
+    /// An error of the tensor layer.
+    #[error(transparent)]
+    Tensor(#[from] llmft_tensor::Error),
 }
 
 /// Where this process sits in a multi-process job.

@@ -1,0 +1,136 @@
+//! The process group: the collectives every backend provides.
+use std::net::IpAddr;
+use std::time::Duration;
+
+use llmft_tensor::{Ctx, Tensor};
+
+use crate::{CpuGroup, Error, Result, WorldInfo};
+
+/// Which implementation does the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// Host tensors over TCP between the processes (the role gloo plays
+    /// for PyTorch); runs anywhere.
+    #[default]
+    Cpu,
+    /// NCCL on CUDA tensors (not built yet).
+    Nccl,
+}
+
+impl Backend {
+    /// Lower-case name, as in configs: `cpu`, `nccl`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" | "gloo" => Ok(Backend::Cpu),
+            "nccl" => Ok(Backend::Nccl),
+            _ => Err(Error::Invalid {
+                op: "backend",
+                msg: format!("`{s}` is not a process-group backend; use cpu or nccl"),
+            }),
+        }
+    }
+}
+
+/// How to build a process group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// The backend.
+    pub backend: Backend,
+    /// How long any one blocking read or write of a collective may wait for
+    /// a peer (default 300 s, as torch.distributed).
+    pub timeout: Duration,
+    /// How long the rendezvous may take in all: reaching rank 0's store,
+    /// every rank arriving, the data connections (default 300 s).
+    pub rendezvous_timeout: Duration,
+    /// The address the other ranks reach this one at; by default the local
+    /// address of this rank's connection to rank 0.
+    pub advertise_ip: Option<IpAddr>,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Cpu,
+            timeout: Duration::from_secs(300),
+            rendezvous_timeout: Duration::from_secs(300),
+            advertise_ip: None,
+        }
+    }
+}
+
+/// The collectives of a group of processes, one per rank.
+///
+/// Every rank calls the same collectives in the same order with tensors of
+/// the same dtype and size. Each call takes the context so a GPU backend can
+/// order the collective on [`llmft_tensor::StreamKind::Comm`]; the CPU
+/// backend needs host tensors and returns when the result is in place.
+/// After a failed collective (a peer died, timed out, or called something
+/// else) the group is unusable: later calls fail at once, and the peers are
+/// told, so they fail fast too instead of waiting for their timeout.
+pub trait ProcessGroup: Send + Sync {
+    /// This process's rank, `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of processes.
+    fn world_size(&self) -> usize;
+    /// The backend doing the work.
+    fn backend(&self) -> Backend;
+    /// Sums `t` over all ranks, in place. f32, or bf16/f16 accumulated in
+    /// f32 and rounded once. Every rank gets the same bits.
+    fn all_reduce_sum(&self, ctx: &Ctx, t: &mut Tensor) -> Result<()>;
+    /// Concatenates every rank's `input` into `output` in rank order;
+    /// `output` has the same dtype and `world_size()` times the elements.
+    /// Any dtype: the bytes are copied.
+    fn all_gather(&self, ctx: &Ctx, input: &Tensor, output: &mut Tensor) -> Result<()>;
+    /// Sums `input` (`world_size()` equal slices) over all ranks and leaves
+    /// slice `rank()` of the sum in `output`. f32, bf16 or f16 (accumulated
+    /// in f32).
+    fn reduce_scatter_sum(&self, ctx: &Ctx, input: &Tensor, output: &mut Tensor) -> Result<()>;
+    /// Copies `root`'s `t` into `t` on every rank. Any dtype.
+    fn broadcast(&self, ctx: &Ctx, t: &mut Tensor, root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self, ctx: &Ctx) -> Result<()>;
+}
+
+/// Joins the process group of `world` with `cfg.backend`: rendezvous at
+/// `world.master_addr:world.master_port` (a world of one needs none), then
+/// the backend's connections. Every rank of the world must call it.
+pub fn init_process_group(world: &WorldInfo, cfg: GroupConfig) -> Result<Box<dyn ProcessGroup>> {
+    match cfg.backend {
+        Backend::Cpu => Ok(Box::new(CpuGroup::connect(world, &cfg)?)),
+        Backend::Nccl => Err(Error::NotBuilt { backend: "nccl" }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_and_nccl_is_not_built() {
+        assert_eq!("gloo".parse::<Backend>().unwrap(), Backend::Cpu);
+        assert_eq!("nccl".parse::<Backend>().unwrap().to_string(), "nccl");
+        assert!("mpi".parse::<Backend>().is_err());
+        let cfg = GroupConfig {
+            backend: Backend::Nccl,
+            ..GroupConfig::default()
+        };
+        let e = init_process_group(&WorldInfo::single(), cfg).err().unwrap();
+        assert!(e.to_string().contains("nccl"), "{e}");
+    }
+}
