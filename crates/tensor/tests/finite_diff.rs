@@ -34,19 +34,20 @@ fn check_grad(
     rng: &mut SeedRng,
     terms: impl Fn(&[f32]) -> Vec<f64>,
 ) {
-    check_grad_summed(what, x, grad, eps, rng, 1, terms)
+    check_grad_summed(what, x, grad, eps, rng, (0.0, 1), terms)
 }
 
-/// [`check_grad`] for terms that are each an f32 sum of `summed` values
-/// computed inside the op (a cross-entropy loss over rows and vocabulary):
-/// their rounding noise grows like `√summed`.
+/// [`check_grad`] for terms computed in f32 from intermediates of size up
+/// to `scale` (a cross-entropy is a log-sum-exp minus a logit: its rounding
+/// is relative to the logits, not to the loss, which can be far smaller),
+/// summed over `summed` values inside the op (noise growing like `√summed`).
 fn check_grad_summed(
     what: &str,
     x: &[f32],
     grad: &[f64],
     eps: f64,
     rng: &mut SeedRng,
-    summed: usize,
+    (scale, summed): (f64, usize),
     terms: impl Fn(&[f32]) -> Vec<f64>,
 ) {
     assert_eq!(x.len(), grad.len(), "{what}: gradient length");
@@ -68,7 +69,8 @@ fn check_grad_summed(
         .collect();
     let (tp, tm) = (terms(&xp), terms(&xm));
     let fd = tp.iter().sum::<f64>() - tm.iter().sum::<f64>();
-    let noise = 2.0 * f32::EPSILON as f64 * (norm(&tp) + norm(&tm)) * (summed as f64).sqrt();
+    let noise =
+        2.0 * f32::EPSILON as f64 * (norm(&tp) + norm(&tm) + 2.0 * scale) * (summed as f64).sqrt();
     let an = dot(grad, &step);
     let typical = norm(grad) * norm(&step) / (x.len().max(1) as f64).sqrt();
     let err = (fd - an).abs();
@@ -287,11 +289,26 @@ proptest! {
         let mut dw = host_zeros(DType::F32, &[v, d]);
         ops::lm_head_cross_entropy(&cpu(), &t32(&h, &[n, d]), &t32(&w, &[v, d]), &tl, &opts,
                                    Some(LmHeadGrads { dh: &mut dh, dw: Some(&mut dw) })).unwrap();
-        // The loss is an f32 sum over n rows of log-sum-exps over v logits.
-        let summed = n * v;
-        check_grad_summed("cross-entropy dh", &h, &f64s(&dh), 2e-3, &mut rng, summed,
+        // The loss sums, over n rows, a log-sum-exp over v logits minus a
+        // logit, in f32: its rounding is relative to the logits' size.
+        let trained = labels.iter().filter(|&&l| l >= 0).count().max(1);
+        let denom = normalizer.map_or(trained as f64, f64::from);
+        let logit_size: f64 = (0..n)
+            .filter(|&i| labels[i] >= 0)
+            .map(|i| {
+                (0..v)
+                    .map(|j| {
+                        (0..d).map(|k| h[i * d + k] as f64 * w[j * d + k] as f64).sum::<f64>().abs()
+                    })
+                    .fold(0.0, f64::max)
+                    + (v as f64).ln()
+            })
+            .sum::<f64>()
+            / denom;
+        let noise = (logit_size, n * v);
+        check_grad_summed("cross-entropy dh", &h, &f64s(&dh), 2e-3, &mut rng, noise,
                           |h| vec![loss(h, &w)]);
-        check_grad_summed("cross-entropy dw", &w, &f64s(&dw), 2e-3, &mut rng, summed,
+        check_grad_summed("cross-entropy dw", &w, &f64s(&dw), 2e-3, &mut rng, noise,
                           |w| vec![loss(&h, w)]);
     }
 }
