@@ -15,18 +15,20 @@
 //! on the compute device.
 //!
 //! ```
-//! use std::sync::Arc;
 //! use llmft_tensor::store::{BlobLayout, Resident, StoreBuilder, Unit, WeightStore};
 //! use llmft_tensor::{Ctx, DType, Tensor};
 //! let ctx = Ctx::cpu();
-//! let mut layout = BlobLayout::default();
-//! layout.push("w", DType::F32, &[2]);
-//! let mut b = Resident::builder(&ctx, 1);
-//! let blob = b.alloc(Unit::Embed, layout)?;
-//! blob.get("w")?.copy_from(&ctx, &Tensor::from_slice(&ctx, &[1f32, 2.0], &[2])?)?;
-//! b.add(Unit::Embed, blob)?;
+//! // A model without decoder layers: the embedding and the head.
+//! let mut b = Resident::builder(&ctx, 2);
+//! for unit in Unit::all(0) {
+//!     let mut layout = BlobLayout::default();
+//!     layout.push("w", DType::F32, &[2]);
+//!     let blob = b.alloc(unit, layout)?;
+//!     blob.get("w")?.copy_from(&ctx, &Tensor::from_slice(&ctx, &[1f32, 2.0], &[2])?)?;
+//!     b.add(unit, blob)?;
+//! }
 //! let store = b.finish()?;
-//! let u = store.fetch(Unit::Embed)?;
+//! let u = store.fetch(Unit::Head)?;
 //! assert_eq!(u.get("w")?.to_vec::<f32>()?, vec![1.0, 2.0]);
 //! # Ok::<(), llmft_tensor::Error>(())
 //! ```
