@@ -10,16 +10,11 @@ use llmft_data::{
 };
 use serde_json::Value;
 
+mod common;
+use common::read_jsonl;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/chat")
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn conversations() -> Vec<(Location, Example)> {

@@ -16,19 +16,14 @@ use llmft_data::{
 use proptest::prelude::*;
 use serde_json::Value;
 
+mod common;
+use common::read_jsonl;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/chat_gen")
 }
 
 const MODELS: [&str; 4] = ["chatml", "llama3", "qwen2.5", "zephyr"];
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn role(name: &str) -> Role {
     match name {

@@ -233,8 +233,9 @@ fn fill_via(ctx: &Ctx, dst: &mut Tensor, f: impl FnOnce(&mut Tensor) -> Result<(
     }
     let mut t = Tensor::zeros(ctx, dst.dtype(), dst.shape())?;
     f(&mut t)?;
-    dst.copy_from(ctx, &t)?;
-    Ok(ctx.synchronize()?)
+    // Ordered on the compute stream; `Staged::commit` waits before handing
+    // the blob over.
+    Ok(dst.copy_from(ctx, &t)?)
 }
 
 /// Loads the frozen weights of every unit from a Hugging Face folder into

@@ -455,11 +455,6 @@ impl Model {
         self.store.as_ref()
     }
 
-    /// Which entries of each unit are parts of quantized weights.
-    pub fn quant_index(&self) -> &QuantIndex {
-        &self.quant
-    }
-
     /// Overwrites the frozen tensor `name` of `unit` with `src` where the
     /// store keeps it (full / freeze training writes its updates here).
     pub fn write_weight(&self, unit: Unit, name: &str, src: &Tensor) -> Result<()> {

@@ -65,11 +65,6 @@ impl QuantIndex {
         Ok(())
     }
 
-    /// Names of the quantized weights of unit index `unit`.
-    pub fn names(&self, unit: usize) -> impl Iterator<Item = &String> {
-        self.units.get(unit).into_iter().flat_map(|m| m.keys())
-    }
-
     /// Number of units indexed.
     pub fn num_units(&self) -> usize {
         self.units.len()

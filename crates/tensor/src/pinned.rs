@@ -23,8 +23,6 @@ pub struct PinnedPool {
 struct PoolState {
     free: HashMap<usize, Vec<Tensor>>,
     held: usize,
-    peak_out: usize,
-    out: usize,
 }
 
 impl PinnedPool {
@@ -40,18 +38,17 @@ impl PinnedPool {
     /// holds what it held).
     pub fn take(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let bytes = numel(shape).saturating_mul(dtype.size()).max(1);
-        let reused = {
-            let mut st = self.state.lock().unwrap();
-            st.out += bytes;
-            st.peak_out = st.peak_out.max(st.out);
-            st.free.get_mut(&bytes).and_then(|v| v.pop())
-        };
+        let reused = self
+            .state
+            .lock()
+            .unwrap()
+            .free
+            .get_mut(&bytes)
+            .and_then(|v| v.pop());
         let raw = match reused {
             Some(t) => t,
             None => {
-                let t = Tensor::zeros_pinned(&self.ctx, DType::U8, &[bytes]).inspect_err(|_| {
-                    self.state.lock().unwrap().out -= bytes;
-                })?;
+                let t = Tensor::zeros_pinned(&self.ctx, DType::U8, &[bytes])?;
                 self.state.lock().unwrap().held += bytes;
                 t
             }
@@ -70,17 +67,11 @@ impl PinnedPool {
             _ => return,
         };
         let mut st = self.state.lock().unwrap();
-        st.out = st.out.saturating_sub(bytes);
         st.free.entry(bytes).or_default().push(raw);
     }
 
     /// Bytes of host memory the pool holds (free and handed out).
     pub fn held_bytes(&self) -> usize {
         self.state.lock().unwrap().held
-    }
-
-    /// The most bytes handed out at once.
-    pub fn peak_out_bytes(&self) -> usize {
-        self.state.lock().unwrap().peak_out
     }
 }

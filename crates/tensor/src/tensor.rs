@@ -572,15 +572,6 @@ impl Tensor {
         }
     }
 
-    /// Marks this tensor's device storage as used by the work queued so far
-    /// on stream `on` of `ctx` (kernels or collectives the caller launched
-    /// there), so that freeing it orders its reuse after that work.
-    pub fn record_stream(&self, ctx: &Ctx, on: StreamKind) {
-        if let Some(cu) = ctx.cuda_ctx() {
-            self.mark_used_on(cu.stream(on));
-        }
-    }
-
     /// Whether `self` and `other` are views of the same storage.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)
