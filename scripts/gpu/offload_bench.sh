@@ -25,10 +25,12 @@
 #             offloaded too and no dequantized-weight cache (the lowest peak)
 #   peerlean  the lean offloaded 70B-8L run and torch FSDP + CPUOffload
 #             (FULL_SHARD kept) side by side
-#   longctx   seq LONG_SEQ (200000) at micro-batch 1 with activation offload
-#             on LONG_LAYERS (4) layers of the 8B shape (the GPU peak of a
-#             layer's work does not grow with the layer count when the
-#             records are offloaded)
+#   longctx   the 8B shape at micro-batch 1, one step per LONG_RUNS entry
+#             (LAYERS:SEQ:on|off[:lean], on = activations + params offloaded,
+#             lean = attention output recomputed instead of kept):
+#             200k tokens on all 32 layers with offload, longer sequences on
+#             4 layers (with offload a layer's GPU work does not grow with the
+#             layer count), and 32 layers without offload at two lengths
 #   load      a bf16 safetensors checkpoint of 70B width (LOAD_LAYERS, 20)
 #             written to disk, then loaded as NF4 into the offloaded store
 #             (load_rss at $LOAD_RSS_BIN, default .gpu/off/load_rss)
@@ -113,12 +115,24 @@ for part in $parts; do
       bash scripts/gpu/peer_offload.sh >> "$log" 2>&1
     cat "$OUT/peer.jsonl" >> "$OUT/results.jsonl" ;;
   longctx)
-    timeout "${LONG_TIMEOUT:-90}" "$bin" bench --model llama3-8b --layers "${LONG_LAYERS:-4}" --train-type qlora \
-      --seq "${LONG_SEQ:-200000}" --micro-batch 1 --steps 2 --warmup 1 --gemm-size 0 \
-      --offload-activations --offload-params --json "$OUT/long.json" >> "$log" 2>&1 \
-      || echo "longctx failed: rc=$?" | tee -a "$log"
-    [ -s "$OUT/long.json" ] && python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["tag"]="long context"; print(json.dumps(d))' \
-      "$OUT/long.json" >> "$OUT/results.jsonl" ;;
+    # LAYERS:SEQ:on|off[:lean], one optimizer step each (no warm-up: a step at
+    # 200k tokens takes minutes); "on" = activations + params offloaded,
+    # "lean" = the attention output not kept (recomputed in the backward).
+    runs=${LONG_RUNS:-"32:200000:on:lean 4:200000:off 4:200000:on"}
+    for spec in $runs; do
+      IFS=: read -r L S O K <<< "$spec"
+      extra=(); [ "$O" = on ] && extra=(--offload-activations --offload-params)
+      [ "${K:-}" = lean ] && extra+=(--keep-attention false)
+      echo "== long context: $L layers, seq $S, offload $O" | tee -a "$log"
+      t0=$SECONDS
+      rm -f "$OUT/long.json"
+      timeout "${LONG_TIMEOUT:-300}" "$bin" bench --model llama3-8b --layers "$L" --train-type qlora \
+        --seq "$S" --micro-batch 1 --steps 1 --warmup 0 --gemm-size 0 "${extra[@]}" \
+        --json "$OUT/long.json" >> "$log" 2>&1 || echo "long context $spec failed: rc=$?" | tee -a "$log"
+      echo "   $spec: $((SECONDS - t0)) s" | tee -a "$log"
+      [ -s "$OUT/long.json" ] && python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["tag"]=sys.argv[2]; print(json.dumps(d))' \
+        "$OUT/long.json" "long context $spec" >> "$OUT/results.jsonl"
+    done ;;
   load)
     lr=${LOAD_RSS_BIN:-$PWD/.gpu/off/load_rss}
     dir=${LOAD_DIR:-/tmp/llmft-load-70b}

@@ -330,6 +330,7 @@ pub struct Model {
     pub checkpoint_cache_dequantized: bool,
     adapter: Option<Adapter>,
     source_config: Option<serde_json::Value>,
+    mem_trace: bool,
 }
 
 impl Model {
@@ -366,7 +367,23 @@ impl Model {
             checkpoint_cache_dequantized: true,
             adapter: None,
             source_config: None,
+            mem_trace: std::env::var_os("LLMFT_MEM_TRACE").is_some_and(|v| v != "0"),
         })
+    }
+
+    /// With `LLMFT_MEM_TRACE` set, prints the device allocator's bytes in
+    /// use and its peak at `what` to stderr (a pass's memory, layer by layer).
+    fn trace_mem(&self, what: &dyn Fn() -> String) {
+        if let (true, Some(cu)) = (self.mem_trace, self.ctx.cuda_ctx()) {
+            let s = cu.allocator().stats();
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            eprintln!(
+                "mem {}: in use {:.2} GiB, peak {:.2} GiB",
+                what(),
+                gib(s.in_use),
+                gib(s.peak_in_use)
+            );
+        }
     }
 
     /// Loads a model folder or a Hugging Face model id (see
@@ -814,6 +831,7 @@ impl Model {
         };
         let mut stash = Stash::new(&self.ctx, &self.pinned);
         for i in 0..l {
+            self.trace_mem(&|| format!("forward layer {i}"));
             let (y, a) = {
                 let w = self.unit(Unit::Layer(i))?;
                 self.layer(&w, i, Self::mode(batch)).forward(&x, batch)?
@@ -847,6 +865,7 @@ impl Model {
         // Head: final norm, fused LM head + cross-entropy.
         let hu = self.head_units()?;
         stash.settle();
+        self.trace_mem(&|| "head".into());
         let (h, rstd) = self.final_norm(&hu, &x)?;
         let (w_head, head_name) = hu.weight()?;
         let mut dh = Tensor::zeros(&self.ctx, self.dtype, h.shape())?;
@@ -883,6 +902,7 @@ impl Model {
         drop((h, dh, x, w_head, hu));
         // Layers in reverse; each one's record comes back one layer ahead.
         for i in (0..l).rev() {
+            self.trace_mem(&|| format!("backward layer {i}"));
             let mut s = saved.pop().expect("one record per layer");
             s.on_device(&stash)?;
             if let Some(next) = saved.last_mut() {
@@ -902,6 +922,7 @@ impl Model {
                 }
             };
         }
+        self.trace_mem(&|| "embedding backward".into());
         if let Some(g) = grads {
             if let Some(e) = g.get_mut("embed_output") {
                 ops::cast(&self.ctx, &dx, e)?;
