@@ -2,7 +2,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use llmft_tensor::{Ctx, Tensor};
+use llmft_tensor::{Ctx, Event, StreamKind, Tensor};
 
 use crate::{CpuGroup, Error, Result, WorldInfo};
 
@@ -105,6 +105,43 @@ pub trait ProcessGroup: Send + Sync {
     fn broadcast(&self, ctx: &Ctx, t: &mut Tensor, root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self, ctx: &Ctx) -> Result<()>;
+    /// Starts [`ProcessGroup::all_gather`] without making the compute
+    /// stream wait for it: a GPU backend queues it on the comm stream after
+    /// the compute work queued so far, so it overlaps what compute does
+    /// next (a sharded store's prefetch of the next unit). `output` may be
+    /// read on the compute stream only after [`Pending::wait`]; `input` and
+    /// `output` must stay alive until then. The default runs the blocking
+    /// collective (the CPU backend: the result is in place on return).
+    fn all_gather_start(&self, ctx: &Ctx, input: &Tensor, output: &mut Tensor) -> Result<Pending> {
+        self.all_gather(ctx, input, output)?;
+        Ok(Pending::done())
+    }
+}
+
+/// A collective started by [`ProcessGroup::all_gather_start`].
+#[must_use = "the result may only be used after `wait`"]
+#[derive(Debug)]
+pub struct Pending(Option<Event>);
+
+impl Pending {
+    /// A collective whose result is already in place.
+    pub fn done() -> Self {
+        Pending(None)
+    }
+
+    /// A collective that completes with `event` (recorded on the stream
+    /// that runs it).
+    pub fn after(event: Event) -> Self {
+        Pending(Some(event))
+    }
+
+    /// Orders the compute stream's later work after the collective.
+    pub fn wait(self, ctx: &Ctx) -> Result<()> {
+        if let Some(e) = &self.0 {
+            ctx.wait(StreamKind::Compute, e)?;
+        }
+        Ok(())
+    }
 }
 
 /// Joins the process group of `world` with `cfg.backend`: rendezvous at

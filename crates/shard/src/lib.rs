@@ -54,12 +54,14 @@
 
 mod cpu;
 mod group;
+mod nccl;
+mod sharded;
 mod store;
 
 use std::time::Duration;
 
 pub use cpu::CpuGroup;
-pub use group::{init_process_group, Backend, GroupConfig, ProcessGroup};
+pub use group::{init_process_group, Backend, GroupConfig, Pending, ProcessGroup};
 pub use store::TcpStore;
 
 /// Results of this crate.

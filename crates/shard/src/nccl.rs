@@ -1,0 +1,1 @@
+//! The NCCL backend (being written).

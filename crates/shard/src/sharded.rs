@@ -1,0 +1,1 @@
+//! The FSDP sharded weight store (being written).
