@@ -92,12 +92,57 @@ pub struct BenchArgs {
     /// 256 on the CPU; 0 skips it).
     #[arg(long)]
     gemm_size: Option<usize>,
+    /// Runs rank 0 of a job of this many ranks with its weights sharded
+    /// (dist.strategy): the other ranks' shards are kept in host memory and
+    /// copied in where an all-gather would bring them, so GPU memory and
+    /// compute are those of one rank; communication is not (results say
+    /// `"simulated": true`).
+    #[arg(long, default_value_t = 1)]
+    simulate_world: usize,
+    /// With --simulate-world: full_shard or shard_grad_op.
+    #[arg(long, default_value = "full_shard")]
+    strategy: String,
     /// Seed of the weights, adapters and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write the JSON object to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// The store of rank 0 of a simulated `world`-rank job (see
+/// `--simulate-world`).
+fn simulated_builder(
+    ctx: &Ctx,
+    offload: &crate::config::OffloadSettings,
+    num_units: usize,
+    world: usize,
+    strategy: &str,
+) -> Result<Box<dyn llmft_models::StoreBuilder>, String> {
+    let reshard_after_forward = match strategy {
+        "full_shard" => true,
+        "shard_grad_op" => false,
+        s => {
+            return Err(format!(
+                "--strategy `{s}`: a simulated job shards its weights (full_shard or shard_grad_op)"
+            ))
+        }
+    };
+    let single = llmft_shard::init_process_group(
+        &llmft_shard::WorldInfo::single(),
+        ctx,
+        llmft_shard::GroupConfig::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = llmft_shard::ShardedConfig {
+        reshard_after_forward,
+        offload: offload.params,
+        lookahead: offload.lookahead.max(1),
+        simulate_world: Some(world),
+    };
+    let b = llmft_shard::ShardedBuilder::new(ctx, num_units, std::sync::Arc::from(single), cfg)
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(b))
 }
 
 /// Runs the benchmark and prints its JSON object.
@@ -172,7 +217,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let tokens = a.micro_batch * a.seq;
     crate::offload_plan::HostPlan::of(&plan_settings, &config, dtype, quant.as_ref(), tokens)
         .check()?;
-    let builder = crate::store_builder(&ctx, &offload, config.num_units())?;
+    let builder = match a.simulate_world {
+        0 => return Err("--simulate-world must be at least 1".into()),
+        1 => crate::store_builder(&ctx, &offload, config.num_units())?,
+        n => simulated_builder(&ctx, &offload, config.num_units(), n, &a.strategy)?,
+    };
     let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;
     model.offload_activations = a.offload_activations;
@@ -315,8 +364,9 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     });
     let mut out = out;
     let memory = json!({
-        "world_size": 1,
-        "simulated": false,
+        "world_size": a.simulate_world,
+        "simulated": a.simulate_world > 1,
+        "strategy": if a.simulate_world > 1 { a.strategy.as_str() } else { "none" },
         "offload": {
             "params": a.offload_params,
             "activations": a.offload_activations,

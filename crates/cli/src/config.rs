@@ -90,6 +90,59 @@ impl Default for OffloadSettings {
     }
 }
 
+/// How the ranks of a multi-process job split the work (`[dist]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistSettings {
+    /// Collectives: `auto` (NCCL on GPUs, the CPU backend otherwise),
+    /// `nccl` or `cpu`. A world of one process uses none unless this names
+    /// one.
+    pub backend: String,
+    /// How the frozen weights are split (torch FSDP's names).
+    pub strategy: Strategy,
+    /// Seconds the rendezvous, and any collective, may wait for a peer
+    /// before the rank ends with an error naming it.
+    pub timeout_s: u64,
+}
+
+impl Default for DistSettings {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            strategy: Strategy::FullShard,
+            timeout_s: 300,
+        }
+    }
+}
+
+/// FSDP sharding strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Each rank holds 1/world of every unit; a unit is gathered for its
+    /// forward, freed, and gathered again for its backward.
+    FullShard,
+    /// As `full_shard`, but a unit gathered for its forward stays until its
+    /// backward (one gather per step, more memory).
+    ShardGradOp,
+    /// Every rank holds every weight (DDP); only gradients are reduced.
+    NoShard,
+    /// `full_shard` among the ranks of a node, replicated across nodes.
+    HybridShard,
+}
+
+impl Strategy {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::FullShard => "full_shard",
+            Strategy::ShardGradOp => "shard_grad_op",
+            Strategy::NoShard => "no_shard",
+            Strategy::HybridShard => "hybrid_shard",
+        }
+    }
+}
+
 /// Everything `llmft` reads from configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -104,10 +157,12 @@ pub struct Settings {
     pub train: TrainConfig,
     /// Host-memory offload of weights and activations.
     pub offload: OffloadSettings,
+    /// Multi-process jobs: backend, sharding strategy, timeouts.
+    pub dist: DistSettings,
 }
 
 /// Sections a `LLMFT_<SECTION>__...` variable may address.
-const SECTIONS: &[&str] = &["model", "lora", "data", "train", "offload"];
+const SECTIONS: &[&str] = &["model", "lora", "data", "train", "offload", "dist"];
 
 /// Keys whose values are free-form maps (any sub-key is valid).
 const OPEN_MAPS: &[&str] = &["lora.rank_pattern", "lora.alpha_pattern"];

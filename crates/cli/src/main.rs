@@ -9,6 +9,8 @@ use llmft_tensor::{cuda, cuda_device_count, Ctx};
 mod bench;
 mod config;
 mod demo;
+mod dist;
+mod launch;
 mod offload_plan;
 mod train;
 
@@ -97,6 +99,12 @@ enum Command {
     },
     /// End-to-end training benchmark on random weights of a named model shape.
     Bench(bench::BenchArgs),
+    /// Start the ranks of a multi-process job on this node, as torchrun does.
+    ///
+    /// Each rank runs an llmft subcommand (or with --exec, any program) with
+    /// RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; the
+    /// first rank to fail stops the rest.
+    Launch(launch::LaunchArgs),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -486,6 +494,7 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|l| data_inspect(n, &l.settings)),
         Command::Train(args) => train::run(&args),
+        Command::Launch(args) => return launch::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use llmft_tensor::{DType, Device};
 use llmft_trainer::{RunData, RunOptions, TrainType};
 
 use crate::config::{Loaded, Settings};
-use crate::{demo, device_ctx, dtype_for, quant_of, ConfigArgs};
+use crate::{demo, dtype_for, quant_of, ConfigArgs};
 
 /// Arguments of `llmft train`.
 #[derive(clap::Args, Clone, Default)]
@@ -145,18 +145,36 @@ fn oom_advice(s: &Settings) -> String {
 /// `llmft train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
     let mut s = settings(args.cfg.config.as_deref(), &args.sets())?.settings;
-    let ctx = device_ctx(&s.model.device)?;
+    let world = crate::dist::world()?;
+    let ctx = crate::dist::device_for(&s, &world)?;
+    let job = crate::dist::join(&s, &world, &ctx)?;
+    let lead = world.rank == 0;
+    // Ranks other than 0 train silently; their errors still print.
+    let say = |line: String| {
+        if lead {
+            println!("{line}");
+        }
+    };
     let dtype = dtype_for(&s.model.dtype, &ctx)?;
     let is_demo = s.model.path.is_empty();
     let dir = if is_demo {
+        // One rank writes the demo files; the others read them after it.
+        if lead {
+            demo::materialize(&s.train.output_dir)?;
+        }
+        if let Some(j) = &job {
+            j.group
+                .barrier(&ctx)
+                .map_err(|e| format!("rank {}: {e}", world.rank))?;
+        }
         let files = demo::materialize(&s.train.output_dir)?;
         if s.data.train.is_empty() {
             s.data.train = vec![DatasetSpec::new(files.train_file.to_string_lossy())];
         }
-        println!(
+        say(format!(
             "llmft train: the built-in demo job (model and data in {})",
             s.train.output_dir.join("demo").display()
-        );
+        ));
         files.model_dir
     } else {
         crate::model_dir(&s)?
@@ -169,22 +187,31 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     let quant_name = base_quant(&s)?;
     let quant = quant_of(quant_name)?;
     let tt = s.train.train_type;
-    println!(
-        "device {}, compute {dtype}, base {quant_name}, train type {}",
+    say(format!(
+        "device {}, compute {dtype}, base {quant_name}, train type {}{}",
         ctx.device(),
         serde_json::to_value(tt)
             .expect("serializes")
             .as_str()
-            .unwrap_or("?")
-    );
+            .unwrap_or("?"),
+        match &job {
+            Some(j) => format!(
+                ", {} ranks ({} backend, {})",
+                world.world_size,
+                j.group.backend(),
+                j.strategy.name()
+            ),
+            None => String::new(),
+        }
+    ));
 
     let tok = ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
     let pipeline = Pipeline::new(s.data.clone(), tok).map_err(|e| e.to_string())?;
     let data = pipeline.load().map_err(|e| e.to_string())?;
-    println!("data: {}", data.report);
-    println!("train: {}", data.train.stats());
+    say(format!("data: {}", data.report));
+    say(format!("train: {}", data.train.stats()));
     if let Some(v) = &data.validation {
-        println!("validation: {}", v.stats());
+        say(format!("validation: {}", v.stats()));
     }
 
     // Host memory for the [offload] settings, before anything is pinned.
@@ -194,16 +221,23 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         0 => data.train.stats().max_len,
         n => n,
     };
-    crate::offload_plan::HostPlan::of(
+    let mut plan = crate::offload_plan::HostPlan::of(
         &s,
         &config,
         dtype,
         quant.as_ref(),
         row * s.data.batch.batch_size,
-    )
-    .check()?;
+    );
+    if let Some(j) = &job {
+        plan.params = plan.params.div_ceil(j.shard_world());
+    }
+    plan.check()?;
     let mut model = Model::from_dir_into(&dir, &ctx, dtype, quant.as_ref(), &mut |n| {
-        crate::store_builder(&ctx, &s.offload, n).map_err(llmft_models::Error::Invalid)
+        match &job {
+            Some(j) => j.store_builder(&ctx, &s.offload, n),
+            None => crate::store_builder(&ctx, &s.offload, n),
+        }
+        .map_err(llmft_models::Error::Invalid)
     })
     .map_err(|e| e.to_string())?;
     model.offload_activations = s.offload.activations;
@@ -238,18 +272,21 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     let tok = pipeline.encoder().tokenizer();
     let before = if is_demo && resume.is_none() {
         let a = demo::accuracy(&model, tok, &questions)?;
-        println!("held-out answer accuracy before training: {a}");
+        say(format!("held-out answer accuracy before training: {a}"));
         Some(a.all)
     } else {
         None
     };
     if let Some(r) = &resume {
-        println!("resuming from {}", r.display());
+        say(format!("resuming from {}", r.display()));
     }
     let opts = RunOptions {
         resume,
         progress: true,
         quiet: args.quiet,
+        dist: job
+            .as_ref()
+            .map(|j| llmft_trainer::DataParallel::new(j.group.clone())),
     };
     let run_data = RunData {
         train: &data.train,
@@ -258,22 +295,41 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     };
     let summary =
         llmft_trainer::train(&mut model, train_config(&s), run_data, &opts).map_err(|e| {
-            if llmft_trainer::is_out_of_memory(&e) {
+            let msg = if llmft_trainer::is_out_of_memory(&e) {
                 format!("{e}{}", oom_advice(&s))
             } else {
                 e.to_string()
+            };
+            match &job {
+                Some(_) => format!("rank {}: {msg}", world.rank),
+                None => msg,
             }
         })?;
-    if !tt.uses_adapter() {
+    if lead && !tt.uses_adapter() {
         copy_tokenizer(&dir, &summary.output)?;
     }
-    if let Some(m) = &summary.merged {
+    if let Some(m) = summary.merged.as_ref().filter(|_| lead) {
         copy_tokenizer(&dir, m)?;
     }
     let losses = match (summary.first_loss, summary.last_loss) {
         (Some(a), Some(b)) => format!(", loss {a:.4} → {b:.4}"),
         _ => String::new(),
     };
+    if is_demo {
+        // Every rank generates (a sharded store's fetches are collectives).
+        let after = demo::accuracy(&model, tok, &questions)?;
+        say(format!("held-out answer accuracy after training: {after}"));
+        if let Some(b) = before {
+            say(format!(
+                "held-out answer accuracy: {:.1}% before, {:.1}% after training",
+                100.0 * b,
+                100.0 * after.all
+            ));
+        }
+    }
+    if !lead {
+        return Ok(());
+    }
     println!(
         "trained steps {}..{} in {:.1} s{losses}{}",
         summary.start_step + 1,
@@ -290,17 +346,6 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
             "validation loss {:.4}, perplexity {:.3}",
             e.loss, e.perplexity
         );
-    }
-    if is_demo {
-        let after = demo::accuracy(&model, tok, &questions)?;
-        println!("held-out answer accuracy after training: {after}");
-        if let Some(b) = before {
-            println!(
-                "held-out answer accuracy: {:.1}% before, {:.1}% after training",
-                100.0 * b,
-                100.0 * after.all
-            );
-        }
     }
     println!(
         "wrote {} ({}), metrics {}{}",

@@ -29,7 +29,8 @@ fn torch_name(d: DType) -> &'static str {
 }
 
 struct ShardWriter {
-    dir: PathBuf,
+    /// `None`: weights are visited, nothing is written.
+    dir: Option<PathBuf>,
     limit: usize,
     current: Vec<(String, RawTensor)>,
     bytes: usize,
@@ -51,8 +52,12 @@ impl ShardWriter {
         if self.current.is_empty() {
             return Ok(());
         }
+        let Some(dir) = &self.dir else {
+            self.current.clear();
+            return Ok(());
+        };
         let i = self.files.len();
-        let path = self.dir.join(format!("part-{i:05}.safetensors"));
+        let path = dir.join(format!("part-{i:05}.safetensors"));
         write_safetensors(&path, &self.current)?;
         self.files
             .push(self.current.drain(..).map(|(n, _)| n).collect());
@@ -64,27 +69,30 @@ impl ShardWriter {
     /// `model.safetensors` when there is one) and writes the index.
     fn finish(mut self) -> Result<()> {
         self.flush()?;
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
         let n = self.files.len();
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
         };
         if n == 1 {
-            let from = self.dir.join("part-00000.safetensors");
-            let to = self.dir.join("model.safetensors");
+            let from = dir.join("part-00000.safetensors");
+            let to = dir.join("model.safetensors");
             return std::fs::rename(&from, &to).map_err(io(&to));
         }
         let mut map = BTreeMap::new();
         for (i, names) in self.files.iter().enumerate() {
             let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-            let from = self.dir.join(format!("part-{i:05}.safetensors"));
-            std::fs::rename(&from, self.dir.join(&file)).map_err(io(&from))?;
+            let from = dir.join(format!("part-{i:05}.safetensors"));
+            std::fs::rename(&from, dir.join(&file)).map_err(io(&from))?;
             for name in names {
                 map.insert(name.clone(), file.clone());
             }
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": map});
-        let p = self.dir.join("model.safetensors.index.json");
+        let p = dir.join("model.safetensors.index.json");
         std::fs::write(&p, index.to_string()).map_err(io(&p))
     }
 }
@@ -96,6 +104,22 @@ impl Model {
     /// `config.json`. Weights stream one tensor at a time through host
     /// memory; the folder appears only when complete (`dir` must not exist).
     pub fn export_merged(&self, dir: &Path, dtype: DType, shard_bytes: usize) -> Result<()> {
+        self.export_merged_to(Some(dir), dtype, shard_bytes)
+    }
+
+    /// [`Model::export_merged`] to `Some(dir)`; with `None` every weight is
+    /// fetched, merged and converted the same way but nothing is written: a
+    /// data-parallel rank other than the writer joins the collective fetches
+    /// of a sharded store this way.
+    pub fn export_merged_to(
+        &self,
+        dir: Option<&Path>,
+        dtype: DType,
+        shard_bytes: usize,
+    ) -> Result<()> {
+        let Some(dir) = dir else {
+            return self.write_export(None, dtype, shard_bytes.max(1));
+        };
         if dir.exists() {
             return Err(Error::Io {
                 path: dir.to_path_buf(),
@@ -115,7 +139,7 @@ impl Model {
             path: tmp.clone(),
             source,
         })?;
-        let result = self.write_export(&tmp, dtype, shard_bytes.max(1));
+        let result = self.write_export(Some(&tmp), dtype, shard_bytes.max(1));
         match result {
             Ok(()) => std::fs::rename(&tmp, dir).map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
@@ -128,12 +152,12 @@ impl Model {
         }
     }
 
-    fn write_export(&self, dir: &Path, dtype: DType, shard_bytes: usize) -> Result<()> {
+    fn write_export(&self, dir: Option<&Path>, dtype: DType, shard_bytes: usize) -> Result<()> {
         let ctx = self.ctx();
         let cpu = Ctx::cpu();
         let st = st_dtype(dtype)?;
         let mut w = ShardWriter {
-            dir: dir.to_path_buf(),
+            dir: dir.map(Path::to_path_buf),
             limit: shard_bytes,
             current: Vec::new(),
             bytes: 0,
@@ -152,6 +176,9 @@ impl Model {
                 if let Some(lora) = self.adapter().and_then(|a| a.layers.get(module)) {
                     lora.merge_into(ctx, &mut t)?;
                 }
+                if w.dir.is_none() {
+                    continue;
+                }
                 let mut out = Tensor::empty(ctx, dtype, &shape)?;
                 ops::cast(ctx, &t, &mut out)?;
                 let host = out.to_ctx(&cpu)?;
@@ -165,6 +192,9 @@ impl Model {
                 )?;
             }
         }
+        let Some(dir) = dir else {
+            return Ok(());
+        };
         w.finish()?;
         let cfg = self.hf_config_json(dtype);
         let p = dir.join("config.json");

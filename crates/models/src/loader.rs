@@ -216,10 +216,10 @@ impl Staged {
         }
         // The blob may be host memory the store copies from on another stream.
         ctx.synchronize()?;
-        let home = builder.add(self.unit, blob)?;
+        builder.add(self.unit, blob)?;
         let u = self.unit.index(index.num_units());
         for (name, q) in &self.quantized {
-            index.insert(u, name, q, &home)?;
+            index.insert(u, name, q)?;
         }
         Ok(())
     }

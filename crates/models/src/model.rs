@@ -159,6 +159,21 @@ impl Grads {
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.map.keys()
     }
+
+    /// Every gradient buffer, in a fixed order (tracked weights by name,
+    /// then adapter modules by name: A, B, magnitude): the order in which
+    /// data-parallel ranks reduce them.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out: Vec<&mut Tensor> = self.map.values_mut().collect();
+        for g in self.lora.values_mut() {
+            out.push(&mut g.a);
+            out.push(&mut g.b);
+            if let Some(m) = &mut g.magnitude {
+                out.push(m);
+            }
+        }
+        out
+    }
 }
 
 /// Options of [`Model::generate`].

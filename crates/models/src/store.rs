@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use llmft_quant::QuantizedTensor;
 use llmft_tensor::store::{BlobLayout, UnitBlob, UnitGuard};
-use llmft_tensor::Tensor;
+use llmft_tensor::{Ctx, DType, Tensor};
 
 use crate::{Error, Result};
 
@@ -37,10 +37,13 @@ pub(crate) fn write_quantized(
 }
 
 /// The quantized weights of each unit, as templates: their format and
-/// shapes (parts are views of the store's home copy, never computed on).
+/// shapes. A template's parts are views of one zeroed host placeholder
+/// (never read, never computed on): the index holds no unit's bytes, so a
+/// store whose home is only part of a unit (a shard) keeps just that part.
 #[derive(Debug, Clone, Default)]
 pub struct QuantIndex {
     units: Vec<BTreeMap<String, QuantizedTensor>>,
+    placeholder: Option<Tensor>,
 }
 
 impl QuantIndex {
@@ -48,19 +51,27 @@ impl QuantIndex {
     pub fn new(num_units: usize) -> Self {
         Self {
             units: vec![BTreeMap::new(); num_units],
+            placeholder: None,
         }
     }
 
-    /// Records quantized weight `name` of unit index `unit`, rebinding its
-    /// parts to views of `home` (the blob as the store keeps it).
-    pub(crate) fn insert(
-        &mut self,
-        unit: usize,
-        name: &str,
-        q: &QuantizedTensor,
-        home: &UnitBlob,
-    ) -> Result<()> {
-        let t = q.map_parts(&mut |part, _| Ok(home.get(&part_key(name, part))?))?;
+    /// Records the format of quantized weight `name` of unit index `unit`.
+    pub(crate) fn insert(&mut self, unit: usize, name: &str, q: &QuantizedTensor) -> Result<()> {
+        let largest = q.parts().iter().map(|(_, t)| t.bytes()).max().unwrap_or(0);
+        let ph = match &self.placeholder {
+            Some(p) if p.bytes() >= largest => p.clone(),
+            _ => {
+                // Zeroed pages that are never touched cost no resident memory.
+                let p = Tensor::zeros(&Ctx::cpu(), DType::U8, &[largest.max(1)])?;
+                self.placeholder = Some(p.clone());
+                p
+            }
+        };
+        let t = q.map_parts(&mut |_, t| {
+            Ok(ph
+                .view(0, &[t.bytes()])?
+                .reinterpret(t.dtype(), t.shape())?)
+        })?;
         self.units[unit].insert(name.to_string(), t);
         Ok(())
     }

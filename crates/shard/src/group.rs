@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use llmft_tensor::{Ctx, Event, StreamKind, Tensor};
 
-use crate::{CpuGroup, Error, Result, WorldInfo};
+use crate::{CpuGroup, Error, NcclGroup, Result, WorldInfo};
 
 /// Which implementation does the collectives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -13,7 +13,10 @@ pub enum Backend {
     /// for PyTorch); runs anywhere.
     #[default]
     Cpu,
-    /// NCCL on CUDA tensors (not built yet).
+    /// NCCL on CUDA tensors of one GPU per process ([`NcclGroup`]): the
+    /// collectives are queued on the context's comm stream and do not block
+    /// the host; a watchdog enforces the timeout. Needs `libnccl.so` on the
+    /// library path.
     Nccl,
 }
 
@@ -53,7 +56,8 @@ pub struct GroupConfig {
     /// The backend.
     pub backend: Backend,
     /// How long any one blocking read or write of a collective may wait for
-    /// a peer (default 300 s, as torch.distributed).
+    /// a peer; for NCCL, how long an issued collective may take to complete
+    /// (default 300 s, as torch.distributed).
     pub timeout: Duration,
     /// How long the rendezvous may take in all: reaching rank 0's store,
     /// every rank arriving, the data connections (default 300 s).
@@ -91,7 +95,9 @@ pub trait ProcessGroup: Send + Sync {
     /// The backend doing the work.
     fn backend(&self) -> Backend;
     /// Sums `t` over all ranks, in place. f32, or bf16/f16 accumulated in
-    /// f32 and rounded once. Every rank gets the same bits.
+    /// f32 and rounded once (NCCL rounds after each step, so from three
+    /// ranks on its bf16/f16 sums may differ in the last place). Every rank
+    /// gets the same bits.
     fn all_reduce_sum(&self, ctx: &Ctx, t: &mut Tensor) -> Result<()>;
     /// Concatenates every rank's `input` into `output` in rank order;
     /// `output` has the same dtype and `world_size()` times the elements.
@@ -146,11 +152,17 @@ impl Pending {
 
 /// Joins the process group of `world` with `cfg.backend`: rendezvous at
 /// `world.master_addr:world.master_port` (a world of one needs none), then
-/// the backend's connections. Every rank of the world must call it.
-pub fn init_process_group(world: &WorldInfo, cfg: GroupConfig) -> Result<Box<dyn ProcessGroup>> {
+/// the backend's connections. Every rank of the world must call it. The
+/// NCCL backend works on `ctx`'s GPU (a CUDA context on `cuda:LOCAL_RANK`);
+/// the CPU backend does not use `ctx`.
+pub fn init_process_group(
+    world: &WorldInfo,
+    ctx: &Ctx,
+    cfg: GroupConfig,
+) -> Result<Box<dyn ProcessGroup>> {
     match cfg.backend {
         Backend::Cpu => Ok(Box::new(CpuGroup::connect(world, &cfg)?)),
-        Backend::Nccl => Err(Error::NotBuilt { backend: "nccl" }),
+        Backend::Nccl => Ok(Box::new(NcclGroup::connect(world, ctx, &cfg)?)),
     }
 }
 
@@ -159,7 +171,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backend_names_and_nccl_is_not_built() {
+    fn backend_names_and_nccl_needs_a_cuda_context() {
         assert_eq!("gloo".parse::<Backend>().unwrap(), Backend::Cpu);
         assert_eq!("nccl".parse::<Backend>().unwrap().to_string(), "nccl");
         assert!("mpi".parse::<Backend>().is_err());
@@ -167,7 +179,13 @@ mod tests {
             backend: Backend::Nccl,
             ..GroupConfig::default()
         };
-        let e = init_process_group(&WorldInfo::single(), cfg).err().unwrap();
-        assert!(e.to_string().contains("nccl"), "{e}");
+        let e = init_process_group(&WorldInfo::single(), &Ctx::cpu(), cfg)
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .starts_with("connect: the NCCL backend needs a CUDA context"),
+            "{e}"
+        );
     }
 }

@@ -14,8 +14,14 @@
 //!   processes joined in a ring of TCP connections; ring reduce-scatter and
 //!   all-gather, so every rank gets bit-identical sums. Every blocking read
 //!   has a timeout, and a dead peer becomes an error that names it.
-//!
-//! The NCCL backend and the FSDP sharded weight store come next.
+//! - [`Sharded`]: the FSDP sharded weight store (each rank keeps a slice of
+//!   every unit; a fetch all-gathers the unit ahead of use, with prefetch,
+//!   `full_shard`/`shard_grad_op`, offloaded shards and single-process
+//!   simulation of a world), built by [`ShardedBuilder`].
+//! - [`NcclGroup`]: the NCCL backend on CUDA tensors: collectives queued on
+//!   the context's comm stream, ordered after compute and before it (or
+//!   left to overlap, `all_gather_start`), with a watchdog that aborts the
+//!   communicator when a collective outlives the timeout.
 //!
 //! A world of one process needs no network:
 //!
@@ -23,7 +29,7 @@
 //! use llmft_shard::{init_process_group, GroupConfig, WorldInfo};
 //! use llmft_tensor::{Ctx, DType, Tensor};
 //! let ctx = Ctx::cpu();
-//! let pg = init_process_group(&WorldInfo::single(), GroupConfig::default())?;
+//! let pg = init_process_group(&WorldInfo::single(), &ctx, GroupConfig::default())?;
 //! assert_eq!((pg.rank(), pg.world_size()), (0, 1));
 //! let mut grad = Tensor::from_f32(&ctx, &[1.0, 2.0, 3.0], DType::F32, &[3])?;
 //! pg.all_reduce_sum(&ctx, &mut grad)?;
@@ -37,7 +43,9 @@
 //! Started as `torchrun --nproc-per-node 2 --no-python prog` (or `srun`, or
 //! by hand with `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), the same
 //! program runs as two ranks: `WorldInfo::from_env()?` then
-//! `init_process_group(&world, GroupConfig::default())?`.
+//! `init_process_group(&world, &ctx, GroupConfig::default())?`; with
+//! `backend: Backend::Nccl` and `ctx = Ctx::cuda(world.local_rank)?`, over
+//! NCCL.
 //!
 //! [`WorldInfo::from_vars`] parses the variables:
 //!
@@ -62,6 +70,10 @@ use std::time::Duration;
 
 pub use cpu::CpuGroup;
 pub use group::{init_process_group, Backend, GroupConfig, Pending, ProcessGroup};
+pub use nccl::NcclGroup;
+pub use sharded::{
+    shard_bytes, Sharded, ShardedBuilder, ShardedConfig, ShardedCounters, ShardedStats,
+};
 pub use store::TcpStore;
 
 /// Results of this crate.
@@ -203,11 +215,14 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
-    /// A backend this build does not have yet.
-    #[error("the {backend} process-group backend is not built yet; use the CPU backend")]
-    NotBuilt {
-        /// The backend.
-        backend: &'static str,
+    /// NCCL or CUDA failed under the NCCL backend: the library is missing,
+    /// the context is not a CUDA one, or a call returned an error.
+    #[error("{op}: {msg}")]
+    Nccl {
+        /// The collective (or `connect`).
+        op: &'static str,
+        /// What failed, in NCCL's words where it has them.
+        msg: String,
     },
     /// An error of the tensor layer.
     #[error(transparent)]
@@ -248,7 +263,9 @@ impl WorldInfo {
 
     /// From variables: torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
     /// `MASTER_ADDR`, `MASTER_PORT`, else SLURM's `SLURM_PROCID`,
-    /// `SLURM_NTASKS`, `SLURM_LOCALID`; none of them means a single process.
+    /// `SLURM_NTASKS`, `SLURM_LOCALID`, with the master at the first host
+    /// of `SLURM_JOB_NODELIST` unless `MASTER_ADDR` is set; none of them
+    /// means a single process.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
         let num = |var: &'static str| -> Result<Option<usize>, Error> {
             get(var)
@@ -273,6 +290,12 @@ impl WorldInfo {
         }
         if let Some(a) = get("MASTER_ADDR") {
             w.master_addr = a;
+        } else if let Some(list) = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")) {
+            w.master_addr = first_host(&list).ok_or(Error::BadVar {
+                var: "SLURM_JOB_NODELIST",
+                value: list.clone(),
+                why: "names no host",
+            })?;
         }
         if let Some(p) = get("MASTER_PORT") {
             w.master_port = p.trim().parse().map_err(|_| Error::BadVar {
@@ -292,9 +315,59 @@ impl WorldInfo {
     }
 }
 
+/// The first host of a SLURM node list: `node[01-04,07],gpu3` → `node01`.
+pub fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    // The first comma outside brackets ends the first entry.
+    let mut depth = 0usize;
+    let end = list
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth = depth.saturating_sub(1),
+                ',' if depth == 0 => return true,
+                _ => {}
+            }
+            false
+        })
+        .map_or(list.len(), |(i, _)| i);
+    let entry = &list[..end];
+    let host = match (entry.find('['), entry.find(']')) {
+        (Some(open), Some(close)) if open < close => {
+            let first = entry[open + 1..close].split([',', '-']).next()?.trim();
+            format!("{}{first}{}", &entry[..open], &entry[close + 1..])
+        }
+        (None, None) => entry.to_string(),
+        _ => return None,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_host_of_slurm_node_lists() {
+        assert_eq!(first_host("node[01-04]").as_deref(), Some("node01"));
+        assert_eq!(first_host("node[07,01-04],gpu3").as_deref(), Some("node07"));
+        assert_eq!(first_host("gpu3,gpu4").as_deref(), Some("gpu3"));
+        assert_eq!(first_host("a[2-3]-ib").as_deref(), Some("a2-ib"));
+        assert_eq!(first_host(" solo ").as_deref(), Some("solo"));
+        assert_eq!(first_host(""), None);
+        assert_eq!(first_host("bad[1-2"), None);
+        let w = WorldInfo::from_vars(|k| match k {
+            "SLURM_NTASKS" => Some("4".into()),
+            "SLURM_PROCID" => Some("3".into()),
+            "SLURM_LOCALID" => Some("1".into()),
+            "SLURM_JOB_NODELIST" => Some("cn[12-13]".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((w.rank, w.world_size, w.local_rank), (3, 4, 1));
+        assert_eq!(w.master_addr, "cn12");
+    }
 
     fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {

@@ -57,9 +57,9 @@ fn run_worker(mode: &str) -> Result<(), String> {
         rendezvous_timeout: ms_var(RENDEZVOUS_MS, 10_000),
         ..GroupConfig::default()
     };
-    let pg = init_process_group(&world, cfg).map_err(|e| e.to_string())?;
-    assert_eq!((pg.rank(), pg.world_size()), (world.rank, world.world_size));
     let ctx = Ctx::cpu();
+    let pg = init_process_group(&world, &ctx, cfg).map_err(|e| e.to_string())?;
+    assert_eq!((pg.rank(), pg.world_size()), (world.rank, world.world_size));
     match mode {
         "collectives" => collectives(&ctx, &*pg),
         "mismatch" => mismatch(&ctx, &*pg),
@@ -566,7 +566,10 @@ fn missing_rank_0_fails_the_rendezvous_naming_the_address() {
         ..GroupConfig::default()
     };
     let start_at = Instant::now();
-    let e = init_process_group(&world, cfg).err().unwrap().to_string();
+    let e = init_process_group(&world, &Ctx::cpu(), cfg)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(start_at.elapsed() < Duration::from_secs(3));
     assert!(
         e.starts_with(&format!(

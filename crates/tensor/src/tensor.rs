@@ -572,6 +572,17 @@ impl Tensor {
         }
     }
 
+    /// Marks this tensor's device storage as used by the work queued so far
+    /// on stream `on` of `ctx` (a collective or kernel launched there by
+    /// another crate through [`Tensor::device_ptr`]), so that freeing it
+    /// orders its reuse after that work. Does nothing for host tensors, a
+    /// CPU context, or a context of another device.
+    pub fn record_use(&self, ctx: &Ctx, on: StreamKind) {
+        if let Some(cu) = ctx.cuda_ctx().filter(|c| c.device() == self.device()) {
+            self.mark_used_on(cu.stream(on));
+        }
+    }
+
     /// Whether `self` and `other` are views of the same storage.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)

@@ -50,6 +50,15 @@ pub struct TrainerState {
     /// Clean f16 steps since the loss scale last changed.
     #[serde(default)]
     pub loss_scale_clean_steps: u64,
+    /// Data-parallel ranks of the run (its data cursor counts this many
+    /// ranks' batches); absent = 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
+}
+
+/// The folder of the checkpoint of `step` under `output_dir`.
+pub(crate) fn dir_for(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("{PREFIX}{step}"))
 }
 
 /// Writes a checkpoint for `state` into `output_dir/checkpoint-<step>`:
@@ -78,7 +87,7 @@ pub(crate) fn write(
             .and_then(|f| f.sync_all())
             .map_err(io(&path))?;
     }
-    let dst = output_dir.join(format!("{PREFIX}{}", state.step));
+    let dst = dir_for(output_dir, state.step);
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
     }

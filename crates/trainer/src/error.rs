@@ -17,6 +17,10 @@ pub enum Error {
     /// The data pipeline failed (loader configuration).
     #[error(transparent)]
     Data(#[from] llmft_data::Error),
+    /// A collective of the data-parallel group failed (a peer died, timed
+    /// out or disagreed).
+    #[error(transparent)]
+    Dist(#[from] llmft_shard::Error),
     /// An invalid training configuration value.
     #[error("training config: {0}")]
     Config(String),

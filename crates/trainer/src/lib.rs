@@ -41,6 +41,7 @@
 mod batch;
 mod checkpoint;
 mod config;
+mod dist;
 mod error;
 mod metrics;
 mod optimizer;
@@ -56,6 +57,7 @@ pub use checkpoint::{
     OPTIMIZER_FILE, STATE_FILE,
 };
 pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
+pub use dist::{DataParallel, BUCKET_ELEMS};
 pub use error::{Error, Result};
 pub use metrics::MetricsWriter;
 pub use optimizer::{decays, LossScale, Optimizer, Update};

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::progress::Progress;
 use crate::{
-    model_batch, Error, EvalStats, MetricsWriter, Result, StepStats, TrainConfig, Trainer,
+    model_batch, DataParallel, Error, EvalStats, MetricsWriter, Result, StepStats, TrainConfig,
+    Trainer,
 };
 
 /// Metrics file inside `output_dir`.
@@ -46,6 +47,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// Print nothing while training.
     pub quiet: bool,
+    /// Train data-parallel over this group: each rank reads its part of
+    /// every global batch (global batch = micro-batch × grad_accum ×
+    /// ranks); metrics, progress, the plot and the final outputs come from
+    /// rank 0 only.
+    pub dist: Option<DataParallel>,
 }
 
 /// What a run did.
@@ -161,20 +167,39 @@ pub fn train(
         Some(dir) => Trainer::resume(config, model, dir)?,
         None => Trainer::new(config, model)?,
     };
+    let shard = match &opts.dist {
+        Some(dp) => {
+            trainer.set_data_parallel(dp.clone())?;
+            Shard::new(dp.rank(), dp.world_size())?
+        }
+        None => {
+            trainer.check_world(1)?;
+            Shard::single()
+        }
+    };
+    let lead = shard.rank == 0;
     let cfg = trainer.config().clone();
     let start_step = trainer.steps_done();
     let metrics_path = out.join(METRICS_FILE);
-    if opts.resume.is_some() {
-        truncate_metrics(&metrics_path, start_step)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(crate::error::io(&metrics_path))?;
+    if lead {
+        if opts.resume.is_some() {
+            truncate_metrics(&metrics_path, start_step)?;
+        } else if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path).map_err(crate::error::io(&metrics_path))?;
+        }
     }
-    let mut metrics = MetricsWriter::append(&metrics_path)?;
-    let mut loader = Loader::new(data.train, data.config, Shard::single())?;
+    let mut metrics = lead
+        .then(|| MetricsWriter::append(&metrics_path))
+        .transpose()?;
+    let mut loader = Loader::new(data.train, data.config, shard)?;
     if let Some(c) = trainer.cursor() {
         loader.seek(c);
     }
-    let mut progress = Progress::new(&cfg, start_step, opts, model.ctx());
+    let quiet_opts = RunOptions {
+        quiet: opts.quiet || !lead,
+        ..opts.clone()
+    };
+    let mut progress = Progress::new(&cfg, start_step, &quiet_opts, model.ctx());
     let started = Instant::now();
     let mut summary = RunSummary {
         steps: start_step,
@@ -209,19 +234,26 @@ pub fn train(
         })?;
         trainer.set_cursor(loader.cursor());
         record(&mut summary, &stats);
-        if stats.step % cfg.log_every == 0 || trainer.is_done() {
-            metrics.write(&stats)?;
+        if let Some(m) = metrics
+            .as_mut()
+            .filter(|_| stats.step % cfg.log_every == 0 || trainer.is_done())
+        {
+            m.write(&stats)?;
         }
         progress.step(&stats);
         if cfg.eval_every > 0 && (stats.step % cfg.eval_every == 0 || trainer.is_done()) {
             if let Some(v) = data.validation {
+                // Every rank evaluates every batch (a sharded store's fetches
+                // are collectives); rank 0 writes.
                 let e = evaluate(&trainer, model, v, data.config)?;
-                metrics.write(&EvalLine {
-                    step: stats.step,
-                    eval_loss: e.loss,
-                    eval_perplexity: e.perplexity,
-                    eval_tokens: e.tokens,
-                })?;
+                if let Some(m) = metrics.as_mut() {
+                    m.write(&EvalLine {
+                        step: stats.step,
+                        eval_loss: e.loss,
+                        eval_perplexity: e.perplexity,
+                        eval_tokens: e.tokens,
+                    })?;
+                }
                 progress.eval(stats.step, &e);
                 summary.eval = Some(e);
             }
@@ -234,19 +266,33 @@ pub fn train(
     }
     progress.finish();
     summary.seconds = started.elapsed().as_secs_f64();
-    summary.output = save_final(model, &trainer, &out)?;
+    summary.output = save_final(model, &trainer, &out, lead)?;
     if cfg.export_merged && cfg.train_type.uses_adapter() {
         let dir = out.join(MERGED_DIR);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(crate::error::io(&dir))?;
-        }
-        model.export_merged(&dir, model.dtype(), 5 << 30)?;
+        export(model, &dir, lead)?;
         summary.merged = Some(dir);
     }
-    summary.plot = crate::plot::loss_curve(&metrics_path, &out.join(PLOT_FILE))
-        .ok()
-        .map(|()| out.join(PLOT_FILE));
+    if let Some(dp) = &opts.dist {
+        // Outputs are complete when any rank returns.
+        dp.group().barrier(model.ctx())?;
+    }
+    if lead {
+        summary.plot = crate::plot::loss_curve(&metrics_path, &out.join(PLOT_FILE))
+            .ok()
+            .map(|()| out.join(PLOT_FILE));
+    }
     Ok(summary)
+}
+
+/// Writes the merged model to `dir` (replacing an earlier one) when `lead`;
+/// other ranks read the same weights without writing (a sharded store's
+/// fetches are collectives every rank joins).
+fn export(model: &Model, dir: &Path, lead: bool) -> Result<()> {
+    if lead && dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(crate::error::io(dir))?;
+    }
+    model.export_merged_to(lead.then_some(dir), model.dtype(), 5 << 30)?;
+    Ok(())
 }
 
 fn record(summary: &mut RunSummary, stats: &StepStats) {
@@ -273,19 +319,19 @@ pub fn is_out_of_memory(e: &Error) -> bool {
 
 /// Writes the final adapter (PEFT format, the f32 masters) or, for full/freeze runs, the whole
 /// model as HF safetensors; replaces an earlier output of the same name.
-fn save_final(model: &Model, trainer: &Trainer, out: &Path) -> Result<PathBuf> {
+fn save_final(model: &Model, trainer: &Trainer, out: &Path, lead: bool) -> Result<PathBuf> {
     let uses_adapter = trainer.config().train_type.uses_adapter();
     let dir = out.join(if uses_adapter { ADAPTER_DIR } else { MODEL_DIR });
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(crate::error::io(&dir))?;
-    }
-    if uses_adapter {
+    if !uses_adapter {
+        export(model, &dir, lead)?;
+    } else if lead {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(crate::error::io(&dir))?;
+        }
         model
             .adapter()
             .ok_or(Error::NoAdapter)?
             .save(&dir, DType::F32)?;
-    } else {
-        model.export_merged(&dir, model.dtype(), 5 << 30)?;
     }
     Ok(dir)
 }

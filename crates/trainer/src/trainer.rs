@@ -12,6 +12,7 @@ use llmft_tensor::DType;
 use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
+use crate::dist::DataParallel;
 use crate::optimizer::LossScale;
 use crate::{Error, LrSchedule, Optimizer, Result, TrainConfig, TrainType};
 
@@ -73,6 +74,10 @@ pub struct Trainer {
     cursor: Option<Cursor>,
     /// Dynamic loss scaling, for f16 models only.
     scaler: Option<LossScale>,
+    /// The data-parallel group, when more than one rank trains.
+    dist: Option<DataParallel>,
+    /// Ranks of the run a resumed checkpoint came from.
+    resumed_world: Option<usize>,
 }
 
 /// The model weights `train_type` trains, with the unit holding each:
@@ -158,7 +163,44 @@ impl Trainer {
             step: 0,
             cursor: None,
             scaler,
+            dist: None,
+            resumed_world: None,
         })
+    }
+
+    /// Trains data-parallel over `dp`: each rank passes its own part of
+    /// every global batch to [`Trainer::step`] (the loader's shard); the
+    /// loss normalizer and the gradients are summed over the ranks, so
+    /// every rank applies the same update. Checkpoints are written by rank
+    /// 0 (the state is replicated) while the others wait.
+    /// A trainer resumed from a checkpoint of another world size is
+    /// refused: its data cursor counts that many ranks' batches.
+    pub fn set_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
+        self.check_world(dp.world_size())?;
+        self.dist = (dp.world_size() > 1).then_some(dp);
+        Ok(())
+    }
+
+    /// Fails when the trainer was resumed from a checkpoint written by a
+    /// run of another number of ranks than `world`.
+    pub fn check_world(&self, world: usize) -> Result<()> {
+        match self.resumed_world {
+            Some(w) if w != world => Err(Error::Config(format!(
+                "the checkpoint was written by a run of {w} rank(s), this run has {world}: \
+                 its data position counts {w} rank(s)' batches (resume with the same world size)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The data-parallel group, if any.
+    pub fn data_parallel(&self) -> Option<&DataParallel> {
+        self.dist.as_ref()
+    }
+
+    /// This process's rank (0 without data parallelism).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, |d| d.rank())
     }
 
     /// The configuration.
@@ -213,9 +255,16 @@ impl Trainer {
 
     /// The dropout seed of micro-batch `micro` of the current step: a
     /// function of the run seed and the step, so a resumed run draws the
-    /// same masks.
+    /// same masks. Under data parallelism `micro` is this rank's index; the
+    /// seed is that of the global micro-batch it is (rank r's j-th of a
+    /// world w is global micro-batch j·w + r, as the loader deals them), so
+    /// world N draws the masks of world 1.
     pub fn dropout_seed(&self, micro: usize) -> u64 {
-        mix64(mix64(self.config.seed ^ mix64(self.step)) ^ micro as u64)
+        let global = match &self.dist {
+            Some(d) => micro * d.world_size() + d.rank(),
+            None => micro,
+        };
+        mix64(mix64(self.config.seed ^ mix64(self.step)) ^ global as u64)
     }
 
     /// One optimizer step over `micro_batches` (each one forward + backward;
@@ -246,6 +295,9 @@ impl Trainer {
                 .filter(|&&t| t != -100)
                 .count();
         }
+        if let Some(d) = &self.dist {
+            tokens = d.sum(model.ctx(), &[tokens as f64])?[0] as usize;
+        }
         // Under f16 loss scaling the loss (and so every gradient) is
         // multiplied by the scale: divide the normalizer by it.
         let normalizer = match self.scaler {
@@ -257,6 +309,10 @@ impl Trainer {
             b.dropout_seed = Some(self.dropout_seed(i));
             let s = model.forward_backward(b, Some(normalizer), Some(&mut self.grads))?;
             loss_sum += s.loss_sum;
+        }
+        if let Some(d) = &self.dist {
+            d.all_reduce_grads(model.ctx(), &mut self.grads)?;
+            loss_sum = d.sum(model.ctx(), &[loss_sum])?[0];
         }
         Ok(Accumulated {
             loss_sum,
@@ -333,6 +389,20 @@ impl Trainer {
     /// (written under a temporary name and renamed), then deletes all but
     /// the newest `keep_last` checkpoints.
     pub fn save_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
+        if let Some(d) = &self.dist {
+            // The state is replicated: rank 0 writes, every rank waits for
+            // the checkpoint to be complete before going on.
+            let written = match d.rank() {
+                0 => self.write_checkpoint(model, output_dir),
+                _ => Ok(checkpoint::dir_for(output_dir, self.step)),
+            };
+            d.group().barrier(model.ctx())?;
+            return written;
+        }
+        self.write_checkpoint(model, output_dir)
+    }
+
+    fn write_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
         let adapter = if self.config.train_type.uses_adapter() {
             Some(model.adapter().ok_or(Error::NoAdapter)?)
         } else {
@@ -348,6 +418,7 @@ impl Trainer {
             train_type: Some(self.config.train_type),
             loss_scale: self.scaler.map(|s| s.scale),
             loss_scale_clean_steps: self.scaler.map_or(0, |s| s.clean_steps),
+            world_size: self.dist.as_ref().map(|d| d.world_size()),
         };
         checkpoint::write(output_dir, &state, self.config.keep_last, |dir| {
             match adapter {
@@ -406,6 +477,7 @@ impl Trainer {
         }
         t.step = state.step;
         t.cursor = state.cursor;
+        t.resumed_world = Some(state.world_size.unwrap_or(1));
         Ok(t)
     }
 

@@ -1,0 +1,409 @@
+//! Multi-process training on the CPU backend, through the binary: world 2
+//! (started by `llmft launch`, as torchrun starts it, and as SLURM's `srun`
+//! starts it) trains like world 1 at the same global batch for every
+//! sharding strategy; a world-2 run killed with `kill -9` ends everywhere,
+//! names the rank, keeps its last checkpoint loadable, and resumes to the
+//! same steps as a straight run; a rank whose peer never comes fails within
+//! the timeout naming the address.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{root, scratch};
+
+/// A port for one test's rendezvous: distinct per test and per test process.
+fn port(offset: u16) -> u16 {
+    20000 + (std::process::id() % 2000) as u16 * 10 + offset
+}
+
+/// The demo job's `train` arguments with `sets`, into `out`, quiet.
+fn train_args(out: &Path, sets: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "train".to_string(),
+        "--quiet".into(),
+        "--output-dir".into(),
+        out.display().to_string(),
+        "--set".into(),
+        "train.eval_every=0".into(),
+        "--set".into(),
+        "data.batch.batch_size=2".into(),
+    ];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    args
+}
+
+fn command(args: &[String], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llmft"));
+    c.args(args)
+        .current_dir(root())
+        .env_remove("LLMFT_MODEL__PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for k in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+        "SLURM_JOB_NODELIST",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Runs to the end: (exit code, stdout, stderr).
+fn run(args: &[String], env: &[(&str, String)]) -> (i32, String, String) {
+    let out = command(args, env).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `llmft launch --nproc-per-node 2 --master-port P -- <args>`.
+fn launch_args(p: u16, args: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "launch".to_string(),
+        "--nproc-per-node".into(),
+        "2".into(),
+        "--master-port".into(),
+        p.to_string(),
+        "--".into(),
+    ];
+    a.extend(args.iter().cloned());
+    a
+}
+
+/// (step, loss) of every metrics line.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_else(|e| panic!("{}: {e}", out.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|m| Some((m["step"].as_u64()?, m["loss"].as_f64()?)))
+        .collect()
+}
+
+/// The f32 tensors of a safetensors file.
+fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-3)
+}
+
+/// Losses and every tensor of `file` agree within `rel` (relative to the
+/// largest magnitude of each tensor).
+fn assert_same_run(what: &str, a: &Path, b: &Path, file: &str, rel: f64) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.len(), lb.len(), "{what}: metrics lines");
+    for ((sa, x), (sb, y)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb, "{what}");
+        assert!(close(*x, *y, rel), "{what}: step {sa} loss {x} vs {y}");
+    }
+    let (ta, tb) = (tensors(&a.join(file)), tensors(&b.join(file)));
+    assert_eq!(
+        ta.keys().collect::<Vec<_>>(),
+        tb.keys().collect::<Vec<_>>(),
+        "{what}: {file} tensor names"
+    );
+    for (name, x) in &ta {
+        let y = &tb[name];
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (f64::from(*p) - f64::from(*q)).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= rel * scale,
+            "{what}: {file} {name} differs by {worst} (scale {scale})"
+        );
+    }
+}
+
+const STEPS: &str = "train.max_steps=6";
+
+#[test]
+fn world_2_trains_as_world_1_for_every_strategy() {
+    let t0 = Instant::now();
+    // World 1: two micro-batches of 2 rows a step; world 2: one per rank.
+    let one = scratch("dist-w1");
+    let (code, o, e) = run(&train_args(&one, &[STEPS, "train.grad_accum=2"]), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    for (i, strategy) in ["full_shard", "shard_grad_op", "no_shard"]
+        .iter()
+        .enumerate()
+    {
+        let two = scratch(&format!("dist-w2-{strategy}"));
+        let s = format!("dist.strategy=\"{strategy}\"");
+        let args = train_args(&two, &[STEPS, "dist.backend=\"cpu\"", &s]);
+        let (code, o, e) = run(&launch_args(port(i as u16), &args), &[]);
+        assert_eq!(code, 0, "{strategy}: {o}\n{e}");
+        assert_same_run(
+            strategy,
+            &one,
+            &two,
+            "adapter/adapter_model.safetensors",
+            1e-5,
+        );
+        std::fs::remove_dir_all(&two).unwrap();
+    }
+    std::fs::remove_dir_all(&one).unwrap();
+
+    // Full training with the weights sharded.
+    let full = ["train.train_type=\"full\"", "train.lr=1e-4"];
+    let one = scratch("dist-full-w1");
+    let mut sets = vec![STEPS, "train.grad_accum=2"];
+    sets.extend(full);
+    let (code, o, e) = run(&train_args(&one, &sets), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let two = scratch("dist-full-w2");
+    let mut sets = vec![
+        STEPS,
+        "dist.backend=\"cpu\"",
+        "dist.strategy=\"full_shard\"",
+    ];
+    sets.extend(full);
+    let (code, o, e) = run(&launch_args(port(3), &train_args(&two, &sets)), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    assert_same_run(
+        "full, full_shard",
+        &one,
+        &two,
+        "model/model.safetensors",
+        1e-5,
+    );
+    for d in [one, two] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+    eprintln!("strategies: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Two `llmft train` processes started with `env(rank)` each, as a
+/// launcher would; both must succeed.
+fn start_pair(args: &[String], env: impl Fn(usize) -> Vec<(&'static str, String)>) {
+    let children: Vec<Child> = (0..2)
+        .map(|r| command(args, &env(r)).spawn().unwrap())
+        .collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "rank {r}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn torchrun_and_slurm_variables_start_the_same_job() {
+    let launched = scratch("dist-env-launch");
+    let sets = ["train.max_steps=3", "dist.backend=\"cpu\""];
+    let (code, o, e) = run(&launch_args(port(4), &train_args(&launched, &sets)), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+
+    let torchrun = scratch("dist-env-torchrun");
+    let p = port(5).to_string();
+    start_pair(&train_args(&torchrun, &sets), |r| {
+        vec![
+            ("RANK", r.to_string()),
+            ("LOCAL_RANK", r.to_string()),
+            ("WORLD_SIZE", "2".into()),
+            ("LOCAL_WORLD_SIZE", "2".into()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", p.clone()),
+        ]
+    });
+    let slurm = scratch("dist-env-slurm");
+    let p = port(6).to_string();
+    start_pair(&train_args(&slurm, &sets), |r| {
+        vec![
+            ("SLURM_PROCID", r.to_string()),
+            ("SLURM_LOCALID", r.to_string()),
+            ("SLURM_NTASKS", "2".into()),
+            ("SLURM_JOB_NODELIST", "localhost".into()),
+            ("MASTER_PORT", p.clone()),
+        ]
+    });
+    let file = "adapter/adapter_model.safetensors";
+    for d in [&torchrun, &slurm] {
+        assert_same_run("started by variables", &launched, d, file, 0.0);
+    }
+    for d in [launched, torchrun, slurm] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// Pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces; split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended before {} appeared",
+            path.display()
+        );
+        assert!(t.elapsed() < Duration::from_secs(300), "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The rank whose `RANK` is `rank` among `pids`.
+fn rank_pid(pids: &[u32], rank: usize) -> u32 {
+    *pids
+        .iter()
+        .find(|&&p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .map(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|kv| kv == format!("RANK={rank}").as_bytes())
+                })
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no rank {rank} among {pids:?}"))
+}
+
+#[test]
+fn killed_rank_ends_the_job_and_the_run_resumes_to_the_same_steps() {
+    let sets = [
+        "train.max_steps=20",
+        "train.checkpoint_every=10",
+        "train.keep_last=0",
+        "lora.lora_dropout=0.1",
+        "dist.backend=\"cpu\"",
+        "dist.timeout_s=60",
+    ];
+    let straight = scratch("dist-resume-straight");
+    let (code, o, e) = run(&launch_args(port(7), &train_args(&straight, &sets)), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+
+    let killed = scratch("dist-resume-killed");
+    let args = launch_args(port(8), &train_args(&killed, &sets));
+    let mut launcher = command(&args, &[]).spawn().unwrap();
+    wait_for(&killed.join("checkpoint-10"), &mut launcher);
+    let ranks = children_of(launcher.id());
+    assert_eq!(ranks.len(), 2, "two ranks under the launcher: {ranks:?}");
+    let victim = rank_pid(&ranks, 1);
+    let t = Instant::now();
+    // SAFETY: signalling a child process of this test.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let out = launcher.wait_with_output().unwrap();
+    let took = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the launcher must fail: {stderr}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        stderr.contains("rank 1") && stderr.contains("SIGKILL"),
+        "the launcher names the rank and how it ended: {stderr}"
+    );
+    for p in &ranks {
+        assert!(!alive(*p), "rank pid {p} survived");
+    }
+    assert!(!killed.join("adapter").exists(), "no final output");
+
+    let mut resume = train_args(&killed, &sets);
+    resume.push("--resume".into());
+    let (code, o, e) = run(&launch_args(port(9), &resume), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let (a, b) = (losses(&straight), losses(&killed));
+    let after = |l: &[(u64, f64)]| -> Vec<(u64, u64)> {
+        l.iter()
+            .filter(|(s, _)| *s > 10)
+            .map(|(s, x)| (*s, x.to_bits()))
+            .collect()
+    };
+    assert_eq!(after(&a).len(), 10, "{a:?}");
+    assert_eq!(after(&a), after(&b), "steps 11-20");
+    let f = "adapter/adapter_model.safetensors";
+    assert_eq!(
+        std::fs::read(straight.join(f)).unwrap(),
+        std::fs::read(killed.join(f)).unwrap(),
+        "{f}"
+    );
+    for d in [straight, killed] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn a_rank_whose_peer_never_comes_fails_within_the_timeout() {
+    let out: PathBuf = scratch("dist-alone");
+    let p = port(10);
+    let t = Instant::now();
+    let (code, _, e) = run(
+        &train_args(&out, &["dist.backend=\"cpu\"", "dist.timeout_s=3"]),
+        &[
+            ("RANK", "1".into()),
+            ("WORLD_SIZE", "2".into()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", p.to_string()),
+        ],
+    );
+    assert_ne!(code, 0, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(
+        e.contains(&format!("127.0.0.1:{p}")) && !e.contains("panicked"),
+        "names the address: {e}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+}
