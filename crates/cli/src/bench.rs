@@ -99,9 +99,17 @@ pub struct BenchArgs {
     /// `"simulated": true`).
     #[arg(long, default_value_t = 1)]
     simulate_world: usize,
-    /// With --simulate-world: full_shard or shard_grad_op.
+    /// How the weights are split (dist.strategy): full_shard,
+    /// shard_grad_op, no_shard, hybrid_shard; with --simulate-world only
+    /// the first two.
     #[arg(long, default_value = "full_shard")]
     strategy: String,
+    /// Collectives of a multi-process run (dist.backend: auto, nccl, cpu).
+    /// Started by `llmft launch` (or torchrun / srun) every rank runs the
+    /// benchmark on its own micro-batches and rank 0 reports the job; a
+    /// single process joins a group of one only when this names a backend.
+    #[arg(long, default_value = "auto")]
+    backend: String,
     /// Seed of the weights, adapters and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -171,7 +179,32 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             a.steps, a.warmup
         ));
     }
-    let ctx = crate::device_ctx(&a.device)?;
+    let world = crate::dist::world()?;
+    let dist_settings = crate::config::Settings {
+        model: crate::config::ModelSettings {
+            device: a.device.clone(),
+            ..Default::default()
+        },
+        dist: crate::config::DistSettings {
+            backend: a.backend.clone(),
+            strategy: serde_json::from_value(json!(a.strategy)).map_err(|_| {
+                format!(
+                    "--strategy `{}`: use full_shard, shard_grad_op, no_shard or hybrid_shard",
+                    a.strategy
+                )
+            })?,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if a.simulate_world > 1 && world.world_size > 1 {
+        return Err(
+            "--simulate-world runs one process; it cannot be launched as several ranks".into(),
+        );
+    }
+    let ctx = crate::dist::device_for(&dist_settings, &world)?;
+    let job = crate::dist::join(&dist_settings, &world, &ctx)?;
+    let lead = world.rank == 0;
     let dtype = match a.dtype.as_str() {
         "bf16" => DType::BF16,
         "f16" => DType::F16,
@@ -217,10 +250,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let tokens = a.micro_batch * a.seq;
     crate::offload_plan::HostPlan::of(&plan_settings, &config, dtype, quant.as_ref(), tokens)
         .check()?;
-    let builder = match a.simulate_world {
-        0 => return Err("--simulate-world must be at least 1".into()),
-        1 => crate::store_builder(&ctx, &offload, config.num_units())?,
-        n => simulated_builder(&ctx, &offload, config.num_units(), n, &a.strategy)?,
+    let builder = match (a.simulate_world, &job) {
+        (0, _) => return Err("--simulate-world must be at least 1".into()),
+        (1, Some(j)) => j.store_builder(&ctx, &offload, config.num_units())?,
+        (1, None) => crate::store_builder(&ctx, &offload, config.num_units())?,
+        (n, _) => simulated_builder(&ctx, &offload, config.num_units(), n, &a.strategy)?,
     };
     let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
         .map_err(|e| format!("building the random {} model: {e}", a.model))?;
@@ -269,9 +303,16 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     };
     let mut trainer =
         Trainer::new(train, &model).map_err(|e| format!("--train-type {}: {e}", a.train_type))?;
+    let ranks = job.as_ref().map_or(1, |j| j.group.world_size());
+    if let Some(j) = &job {
+        trainer
+            .set_data_parallel(llmft_trainer::DataParallel::new(j.group.clone()))
+            .map_err(|e| e.to_string())?;
+    }
 
     let tokens_per_micro = a.micro_batch * a.seq;
-    let mut rng = a.seed ^ 0x5EED_70CE_u64;
+    // Each rank draws its own tokens.
+    let mut rng = a.seed ^ 0x5EED_70CE_u64 ^ (world.rank as u64).wrapping_mul(0x9E37_79B9);
     let mut step_ms = Vec::with_capacity(a.steps);
     let mut fwd_bwd_ms = Vec::with_capacity(a.steps);
     let mut optim_ms = Vec::with_capacity(a.steps);
@@ -311,7 +352,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
 
     let timed = a.warmup..a.steps;
     let step_med = median(&step_ms[timed.clone()]);
-    let tokens_per_step = tokens_per_micro * a.grad_accum;
+    // The job's tokens: every rank's micro-batches.
+    let tokens_per_step = tokens_per_micro * a.grad_accum * ranks;
     let tokens_per_s = tokens_per_step as f64 / (step_med / 1e3);
     let flops = Flops::of(&config, &model, train_type, trainable, a.seq);
     let achieved = |per_token: f64| per_token * tokens_per_s / 1e12;
@@ -364,9 +406,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     });
     let mut out = out;
     let memory = json!({
-        "world_size": a.simulate_world,
+        "world_size": a.simulate_world.max(ranks),
         "simulated": a.simulate_world > 1,
-        "strategy": if a.simulate_world > 1 { a.strategy.as_str() } else { "none" },
+        "strategy": if a.simulate_world > 1 || job.is_some() { a.strategy.as_str() } else { "none" },
+        "backend": job.as_ref().map(|j| j.group.backend().to_string()),
+        "tokens_per_s_per_rank": tokens_per_s / ranks as f64,
         "offload": {
             "params": a.offload_params,
             "activations": a.offload_activations,
@@ -386,6 +430,9 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         o.extend(m.clone());
     }
     let text = out.to_string();
+    if !lead {
+        return Ok(());
+    }
     println!("{text}");
     if let Some(p) = &a.json {
         std::fs::write(p, format!("{text}\n")).map_err(|e| format!("{}: {e}", p.display()))?;

@@ -497,8 +497,11 @@ impl Job {
             if Instant::now() > deadline {
                 for c in &mut self.children {
                     let _ = c.kill();
+                    let _ = c.wait();
                 }
-                panic!("ranks still running after {within:?}: {done:?}");
+                // What the ranks printed before they were killed.
+                let out: Vec<Output> = self.out.drain(..).map(|h| h.join().unwrap()).collect();
+                panic!("ranks still running after {within:?}: {done:?}; they printed {out:?}");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
