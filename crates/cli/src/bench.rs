@@ -306,7 +306,10 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let ranks = job.as_ref().map_or(1, |j| j.group.world_size());
     if let Some(j) = &job {
         trainer
-            .set_data_parallel(llmft_trainer::DataParallel::new(j.group.clone()))
+            .set_data_parallel(
+                llmft_trainer::DataParallel::new(j.group.clone())
+                    .with_sharded_optimizer(j.strategy != crate::config::Strategy::NoShard),
+            )
             .map_err(|e| e.to_string())?;
     }
 

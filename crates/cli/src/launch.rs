@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 /// How often the launcher looks at its ranks and at its own signals.
 const POLL: Duration = Duration::from_millis(100);
+/// After a rank exits with an error: how long the others get to show whether
+/// one of them was killed (the likelier cause) before the failure is named.
+const SETTLE: Duration = Duration::from_millis(500);
 /// How long ranks get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
 /// How long the launcher waits for SIGKILLed ranks to be reaped before it
@@ -417,6 +420,30 @@ fn stop(ranks: &mut [Rank]) {
     }
 }
 
+/// The failure to report, if a rank failed: a rank killed by a signal is
+/// the likelier cause than one that exited with an error (its peers fail
+/// when it vanishes), so after an error exit the ranks get one more short
+/// look before the lowest rank that failed is named.
+fn first_failure(ranks: &mut [Rank]) -> Option<Outcome> {
+    let pick = |ranks: &mut [Rank]| {
+        let mut failed: Vec<(bool, usize, u32, Exit)> = ranks
+            .iter_mut()
+            .filter_map(|r| {
+                let exit = r.poll().filter(|e| !e.success())?;
+                Some((!matches!(exit, Exit::Signal(_)), r.rank, r.child.id(), exit))
+            })
+            .collect();
+        failed.sort_by_key(|&(by_status, rank, ..)| (by_status, rank));
+        failed.first().copied()
+    };
+    let (by_status, ..) = pick(ranks)?;
+    if by_status {
+        std::thread::sleep(SETTLE);
+    }
+    let (_, rank, pid, exit) = pick(ranks)?;
+    Some(Outcome::RankFailed { rank, pid, exit })
+}
+
 /// Starts the ranks and watches them to the end.
 fn run(plan: &Plan) -> Result<Outcome, String> {
     install_signal_handlers()?;
@@ -446,15 +473,7 @@ fn run(plan: &Plan) -> Result<Outcome, String> {
                     .count(),
             };
         }
-        let failed = ranks.iter_mut().find_map(|r| match r.poll() {
-            Some(exit) if !exit.success() => Some(Outcome::RankFailed {
-                rank: r.rank,
-                pid: r.child.id(),
-                exit,
-            }),
-            _ => None,
-        });
-        if let Some(failed) = failed {
+        if let Some(failed) = first_failure(&mut ranks) {
             break failed;
         }
         if ranks.iter_mut().all(|r| r.poll().is_some()) {

@@ -284,9 +284,10 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         resume,
         progress: true,
         quiet: args.quiet,
-        dist: job
-            .as_ref()
-            .map(|j| llmft_trainer::DataParallel::new(j.group.clone())),
+        dist: job.as_ref().map(|j| {
+            llmft_trainer::DataParallel::new(j.group.clone())
+                .with_sharded_optimizer(j.strategy != crate::config::Strategy::NoShard)
+        }),
     };
     let run_data = RunData {
         train: &data.train,

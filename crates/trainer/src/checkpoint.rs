@@ -54,6 +54,10 @@ pub struct TrainerState {
     /// ranks' batches); absent = 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub world_size: Option<usize>,
+    /// The optimizer state is split over the ranks: one
+    /// [`optimizer_rank_file`] per rank instead of `optimizer.safetensors`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer_sharded: bool,
 }
 
 /// The folder of the checkpoint of `step` under `output_dir`.
@@ -61,28 +65,46 @@ pub(crate) fn dir_for(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!("{PREFIX}{step}"))
 }
 
-/// Writes a checkpoint for `state` into `output_dir/checkpoint-<step>`:
-/// `files` fills a temporary folder, `trainer_state.json` is written last,
-/// the folder renamed into place, and all but the newest `keep_last`
-/// checkpoints (0 = keep all) deleted.
-pub(crate) fn write(
-    output_dir: &Path,
-    state: &TrainerState,
-    keep_last: usize,
-    files: impl FnOnce(&Path) -> Result<()>,
-) -> Result<PathBuf> {
+/// The optimizer file of `rank` of `world` in a checkpoint whose optimizer
+/// state is split over the ranks.
+pub fn optimizer_rank_file(rank: usize, world: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
+}
+
+/// The temporary folder of the checkpoint of `step`, made empty (several
+/// ranks may write into it before [`commit`]).
+pub(crate) fn prepare(output_dir: &Path, step: u64) -> Result<PathBuf> {
     std::fs::create_dir_all(output_dir).map_err(io(output_dir))?;
-    let tmp = output_dir.join(format!("{TMP_PREFIX}{}", state.step));
+    let tmp = tmp_for(output_dir, step);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    files(&tmp)?;
+    Ok(tmp)
+}
+
+/// The temporary folder of the checkpoint of `step` under `output_dir`.
+pub(crate) fn tmp_for(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("{TMP_PREFIX}{step}"))
+}
+
+/// Finishes the checkpoint being written in `tmp` (made by [`prepare`]):
+/// `files` adds to it, `trainer_state.json` is written last, every file
+/// synced, the folder renamed to `checkpoint-<step>`, and all but the
+/// newest `keep_last` checkpoints (0 = keep all) deleted.
+pub(crate) fn commit(
+    output_dir: &Path,
+    tmp: &Path,
+    state: &TrainerState,
+    keep_last: usize,
+    files: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    files(tmp)?;
     let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
     let state_path = tmp.join(STATE_FILE);
     std::fs::write(&state_path, json).map_err(io(&state_path))?;
-    for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
-        let path = entry.map_err(io(&tmp))?.path();
+    for entry in std::fs::read_dir(tmp).map_err(io(tmp))? {
+        let path = entry.map_err(io(tmp))?.path();
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(io(&path))?;
@@ -91,7 +113,7 @@ pub(crate) fn write(
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(io(&dst))?;
     }
-    std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+    std::fs::rename(tmp, &dst).map_err(io(&dst))?;
     if keep_last > 0 {
         let all = list(output_dir)?;
         for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {

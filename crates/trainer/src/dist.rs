@@ -5,9 +5,11 @@
 //! update, so every rank applies the same update and world N trains as
 //! world 1 at the same global batch.
 //!
-//! The update itself is replicated: every rank holds the whole trainable
-//! state (adapter, or the f32 masters of full/freeze training) and its
-//! optimizer state. The frozen weights are what a sharded store splits.
+//! Every rank holds the whole trainable state (adapter, or the f32 masters
+//! of full/freeze training). Its optimizer state is replicated, or split
+//! over the ranks ([`DataParallel::with_sharded_optimizer`]: each rank
+//! updates the parameters it owns and broadcasts them). The frozen weights
+//! are what a sharded store splits.
 use std::sync::Arc;
 
 use llmft_models::Grads;
@@ -24,6 +26,7 @@ pub const BUCKET_ELEMS: usize = 25 << 20;
 pub struct DataParallel {
     group: Arc<dyn ProcessGroup>,
     bucket_elems: usize,
+    shard_optimizer: bool,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -44,7 +47,22 @@ impl DataParallel {
         Self {
             group,
             bucket_elems: BUCKET_ELEMS,
+            shard_optimizer: false,
         }
+    }
+
+    /// The same with the optimizer state split over the ranks (ZeRO stage
+    /// 1: each rank keeps and updates the moments of 1/world of the
+    /// parameters, checkpoints hold one optimizer file per rank), as FSDP's
+    /// sharded strategies do; off (replicated, as DDP) by default.
+    pub fn with_sharded_optimizer(mut self, on: bool) -> Self {
+        self.shard_optimizer = on;
+        self
+    }
+
+    /// Whether the optimizer state is split over the ranks.
+    pub fn shards_optimizer(&self) -> bool {
+        self.shard_optimizer && self.world_size() > 1
     }
 
     /// The same with buckets of `elems` elements (tests).

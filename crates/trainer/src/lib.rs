@@ -53,8 +53,8 @@ mod trainer;
 
 pub use batch::model_batch;
 pub use checkpoint::{
-    latest_checkpoint, list as list_checkpoints, read_state, TrainerState, MODEL_FILE,
-    OPTIMIZER_FILE, STATE_FILE,
+    latest_checkpoint, list as list_checkpoints, optimizer_rank_file, read_state, TrainerState,
+    MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
 pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
 pub use dist::{DataParallel, BUCKET_ELEMS};

@@ -13,7 +13,7 @@ use llmft_tensor::{Ctx, DType, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::config::{NanPolicy, TrainConfig};
-use crate::{Error, Result};
+use crate::{DataParallel, Error, Result};
 
 /// Names of an adapter's parameters in the order of `LoraLinear::params`.
 const LORA_PARTS: [&str; 3] = ["lora_A", "lora_B", "lora_magnitude_vector"];
@@ -168,6 +168,75 @@ pub struct Optimizer {
     /// `offload.optimizer`: moments and f32 masters in host memory, the
     /// AdamW step on the host's cores.
     host: Option<CpuAdamW>,
+    /// Data-parallel ranks sharing the state (see [`Optimizer::shard_state`]).
+    shard: Option<Shard>,
+}
+
+/// The optimizer state split over data-parallel ranks (ZeRO stage 1): each
+/// parameter has one owner rank, which alone keeps its moments and updates
+/// it; the owners then broadcast the new values, so every rank ends the
+/// step with the same parameters.
+#[derive(Debug)]
+struct Shard {
+    dp: DataParallel,
+    /// Owner of each parameter, fixed at the first step.
+    owners: BTreeMap<String, usize>,
+}
+
+impl Shard {
+    /// Deals `params` (name, elements; in an order every rank shares) to
+    /// the ranks, each to the one holding the fewest elements so far.
+    fn assign(&mut self, params: &[(String, usize)]) {
+        if !self.owners.is_empty() {
+            return;
+        }
+        let mut load = vec![0usize; self.dp.world_size()];
+        for (name, n) in params {
+            let r = (0..load.len()).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            load[r] += n;
+            self.owners.insert(name.clone(), r);
+        }
+    }
+
+    fn owns(&self, name: &str) -> bool {
+        self.owners.get(name) == Some(&self.dp.rank())
+    }
+
+    /// Every rank receives each owner's updated `params` (f32, packed per
+    /// owner into one broadcast).
+    fn broadcast(&self, ctx: &Ctx, params: &mut [(&str, &mut Tensor)]) -> Result<()> {
+        let group = self.dp.group();
+        for owner in 0..self.dp.world_size() {
+            let mine: Vec<usize> = (0..params.len())
+                .filter(|&i| self.owners.get(params[i].0) == Some(&owner))
+                .collect();
+            let elems: usize = mine.iter().map(|&i| params[i].1.numel()).sum();
+            if elems == 0 {
+                continue;
+            }
+            let mut flat = Tensor::empty(ctx, DType::F32, &[elems])?;
+            let rank = self.dp.rank();
+            let mut at = 0;
+            if rank == owner {
+                for &i in &mine {
+                    let t = &params[i].1;
+                    flat.view(at, &[t.numel()])?.copy_from(ctx, t)?;
+                    at += t.numel();
+                }
+            }
+            group.broadcast(ctx, &mut flat, owner)?;
+            if rank != owner {
+                at = 0;
+                for &i in &mine {
+                    let t = &mut params[i].1;
+                    let src = flat.view(at, t.shape())?;
+                    t.copy_from(ctx, &src)?;
+                    at += t.numel();
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Optimizer {
@@ -185,7 +254,31 @@ impl Optimizer {
             masters: BTreeMap::new(),
             tables: Tables::default(),
             host: None,
+            shard: None,
         }
+    }
+
+    /// Splits the state over the ranks of `dp` (ZeRO stage 1): each rank
+    /// keeps the moments of the parameters it owns (about 1/world of them,
+    /// by size) and updates only those; the owners broadcast the new
+    /// values after each step. [`Optimizer::save`] / [`Optimizer::load`]
+    /// then write and read this rank's part. Call before the first step.
+    pub fn shard_state(&mut self, dp: DataParallel) -> Result<()> {
+        if self.step > 0 || !self.state.is_empty() {
+            return Err(Error::Config(
+                "the optimizer state must be sharded before it exists".into(),
+            ));
+        }
+        self.shard = (dp.world_size() > 1).then_some(Shard {
+            dp,
+            owners: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Whether the state is split over ranks.
+    pub fn is_sharded(&self) -> bool {
+        self.shard.is_some()
     }
 
     /// Moves the optimizer to the host (`offload.optimizer`, ZeRO-Offload
@@ -358,6 +451,15 @@ impl Optimizer {
             self.verdict(ctx, &all, loss, loss_scale)?
         };
         let mut updated = BTreeSet::new();
+        if let Some(sh) = &mut self.shard {
+            let mut all = Vec::new();
+            for (module, layer) in adapter.layers.iter_mut() {
+                for (i, p) in layer.params_mut().into_iter().enumerate() {
+                    all.push((format!("{module}.{}", LORA_PARTS[i]), p.numel()));
+                }
+            }
+            sh.assign(&all);
+        }
         if verdict.finite {
             self.step += 1;
             // [decayed (A, B), undecayed (DoRA magnitudes: norm-like scales)]
@@ -368,6 +470,9 @@ impl Optimizer {
                 })?;
                 for (i, (p, g)) in layer.params_mut().into_iter().zip(g.tensors()).enumerate() {
                     let name = format!("{module}.{}", LORA_PARTS[i]);
+                    if self.shard.as_ref().is_some_and(|sh| !sh.owns(&name)) {
+                        continue;
+                    }
                     ensure_state(ctx, self.host.is_some(), &mut self.state, &name, p)?;
                     let grp = &mut groups[usize::from(i >= 2)];
                     grp.bf16.push(false);
@@ -396,6 +501,20 @@ impl Optimizer {
             &BTreeSet::new(),
             &mut self.tables.zero,
         )?;
+        drop(updated);
+        if let Some(sh) = self.shard.as_ref().filter(|_| verdict.finite) {
+            let mut params: Vec<(String, &mut Tensor)> = Vec::new();
+            for (module, layer) in adapter.layers.iter_mut() {
+                for (i, p) in layer.params_mut().into_iter().enumerate() {
+                    params.push((format!("{module}.{}", LORA_PARTS[i]), p));
+                }
+            }
+            let mut named: Vec<(&str, &mut Tensor)> = params
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), &mut **t))
+                .collect();
+            sh.broadcast(ctx, &mut named)?;
+        }
         self.policy(&verdict, loss, step)
     }
 
@@ -423,6 +542,15 @@ impl Optimizer {
             }
             self.verdict(ctx, &all, loss, loss_scale)?
         };
+        if let Some(sh) = &mut self.shard {
+            let all: Vec<(String, usize)> = self
+                .masters
+                .iter()
+                .map(|(n, m)| (n.clone(), m.value.numel()))
+                .collect();
+            sh.assign(&all);
+        }
+        let mut owned: BTreeSet<String> = BTreeSet::new();
         if verdict.finite {
             self.step += 1;
             let hps = [
@@ -432,6 +560,10 @@ impl Optimizer {
             // [decayed, undecayed (norm weights and biases)]
             let mut groups: [Group; 2] = Default::default();
             for (name, m) in self.masters.iter_mut() {
+                if self.shard.as_ref().is_some_and(|sh| !sh.owns(name)) {
+                    continue;
+                }
+                owned.insert(name.clone());
                 let g = grads.get(name).expect("checked above");
                 ensure_state(ctx, self.host.is_some(), &mut self.state, name, &m.value)?;
                 let grp = &mut groups[usize::from(!decays(name))];
@@ -455,10 +587,20 @@ impl Optimizer {
                     Some(adam) => update_on_host(ctx, adam, &mut self.state, grp, &hps[k])?,
                 }
             }
+            if let Some(sh) = &self.shard {
+                let mut named: Vec<(&str, &mut Tensor)> = self
+                    .masters
+                    .iter_mut()
+                    .map(|(n, m)| (n.as_str(), &mut m.value))
+                    .collect();
+                sh.broadcast(ctx, &mut named)?;
+            }
             for (name, m) in &self.masters {
+                // A master another rank updated arrived as f32 values.
                 let bf16 = self
                     .state
                     .get(name)
+                    .filter(|_| owned.contains(name))
                     .and_then(|s| s.host.as_ref())
                     .and_then(|h| h.bf16.as_ref());
                 match bf16 {
@@ -469,7 +611,7 @@ impl Optimizer {
         }
         // The update zeroed the gradients of every master (not the host step).
         let updated: BTreeSet<&str> = match verdict.finite && self.host.is_none() {
-            true => self.masters.keys().map(String::as_str).collect(),
+            true => owned.iter().map(String::as_str).collect(),
             false => BTreeSet::new(),
         };
         zero_grads(

@@ -163,19 +163,19 @@ pub fn train(
 ) -> Result<RunSummary> {
     let out = config.output_dir.clone();
     std::fs::create_dir_all(&out).map_err(crate::error::io(&out))?;
-    let mut trainer = match &opts.resume {
-        Some(dir) => Trainer::resume(config, model, dir)?,
-        None => Trainer::new(config, model)?,
+    let trainer = match &opts.resume {
+        Some(dir) => Trainer::resume_with(config, model, dir, opts.dist.clone()),
+        None => Trainer::new(config, model).and_then(|mut t| {
+            if let Some(dp) = &opts.dist {
+                t.set_data_parallel(dp.clone())?;
+            }
+            Ok(t)
+        }),
     };
+    let mut trainer = trainer?;
     let shard = match &opts.dist {
-        Some(dp) => {
-            trainer.set_data_parallel(dp.clone())?;
-            Shard::new(dp.rank(), dp.world_size())?
-        }
-        None => {
-            trainer.check_world(1)?;
-            Shard::single()
-        }
+        Some(dp) => Shard::new(dp.rank(), dp.world_size())?,
+        None => Shard::single(),
     };
     let lead = shard.rank == 0;
     let cfg = trainer.config().clone();

@@ -177,6 +177,9 @@ impl Trainer {
     /// refused: its data cursor counts that many ranks' batches.
     pub fn set_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
         self.check_world(dp.world_size())?;
+        if dp.shards_optimizer() {
+            self.optimizer.shard_state(dp.clone())?;
+        }
         self.dist = (dp.world_size() > 1).then_some(dp);
         Ok(())
     }
@@ -388,21 +391,41 @@ impl Trainer {
     /// with the optimizer and trainer state to `output_dir/checkpoint-<step>`
     /// (written under a temporary name and renamed), then deletes all but
     /// the newest `keep_last` checkpoints.
+    ///
+    /// Data-parallel: rank 0 writes the replicated state; with the
+    /// optimizer state split over the ranks, each rank first writes its
+    /// part (`optimizer-rank<r>-of-<w>.safetensors`) into the temporary
+    /// folder, then rank 0 completes and renames it. Every rank returns once
+    /// the checkpoint is in place; a rank that dies before leaves the
+    /// temporary folder, never a partial `checkpoint-<step>`.
     pub fn save_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
-        if let Some(d) = &self.dist {
-            // The state is replicated: rank 0 writes, every rank waits for
-            // the checkpoint to be complete before going on.
-            let written = match d.rank() {
-                0 => self.write_checkpoint(model, output_dir),
-                _ => Ok(checkpoint::dir_for(output_dir, self.step)),
-            };
-            d.group().barrier(model.ctx())?;
-            return written;
+        let Some(d) = &self.dist else {
+            let tmp = checkpoint::prepare(output_dir, self.step)?;
+            return self.commit_checkpoint(model, output_dir, &tmp);
+        };
+        let ctx = model.ctx();
+        let lead = d.rank() == 0;
+        let tmp = checkpoint::tmp_for(output_dir, self.step);
+        if self.optimizer.is_sharded() {
+            if lead {
+                checkpoint::prepare(output_dir, self.step)?;
+            }
+            d.group().barrier(ctx)?;
+            let file = tmp.join(checkpoint::optimizer_rank_file(d.rank(), d.world_size()));
+            self.optimizer.save(&file)?;
+            d.group().barrier(ctx)?;
+        } else if lead {
+            checkpoint::prepare(output_dir, self.step)?;
         }
-        self.write_checkpoint(model, output_dir)
+        let written = match lead {
+            true => self.commit_checkpoint(model, output_dir, &tmp),
+            false => Ok(checkpoint::dir_for(output_dir, self.step)),
+        };
+        d.group().barrier(ctx)?;
+        written
     }
 
-    fn write_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
+    fn commit_checkpoint(&self, model: &Model, output_dir: &Path, tmp: &Path) -> Result<PathBuf> {
         let adapter = if self.config.train_type.uses_adapter() {
             Some(model.adapter().ok_or(Error::NoAdapter)?)
         } else {
@@ -419,15 +442,20 @@ impl Trainer {
             loss_scale: self.scaler.map(|s| s.scale),
             loss_scale_clean_steps: self.scaler.map_or(0, |s| s.clean_steps),
             world_size: self.dist.as_ref().map(|d| d.world_size()),
+            optimizer_sharded: self.optimizer.is_sharded(),
         };
-        checkpoint::write(output_dir, &state, self.config.keep_last, |dir| {
+        checkpoint::commit(output_dir, tmp, &state, self.config.keep_last, |dir| {
             match adapter {
                 Some(a) => a.save(dir, llmft_tensor::DType::F32)?,
                 None => self
                     .optimizer
                     .save_weights(&dir.join(checkpoint::MODEL_FILE))?,
             }
-            self.optimizer.save(&dir.join(checkpoint::OPTIMIZER_FILE))
+            match self.optimizer.is_sharded() {
+                // Each rank wrote its part already.
+                true => Ok(()),
+                false => self.optimizer.save(&dir.join(checkpoint::OPTIMIZER_FILE)),
+            }
         })
     }
 
@@ -438,7 +466,20 @@ impl Trainer {
     /// The optimizer state, step, seed, data cursor and f16 loss scale are
     /// restored; `config` supplies the rest (its seed is replaced by the
     /// checkpoint's).
-    pub fn resume(mut config: TrainConfig, model: &mut Model, dir: &Path) -> Result<Self> {
+    pub fn resume(config: TrainConfig, model: &mut Model, dir: &Path) -> Result<Self> {
+        Self::resume_with(config, model, dir, None)
+    }
+
+    /// [`Trainer::resume`] into a data-parallel run over `dp` (see
+    /// [`Trainer::set_data_parallel`]): the checkpoint must come from a run
+    /// of as many ranks; with the optimizer state split, each rank reads its
+    /// own part.
+    pub fn resume_with(
+        mut config: TrainConfig,
+        model: &mut Model,
+        dir: &Path,
+        dp: Option<DataParallel>,
+    ) -> Result<Self> {
         let state = checkpoint::read_state(dir)?;
         if let Some(saved) = state.train_type.filter(|&t| t != config.train_type) {
             return Err(Error::Config(format!(
@@ -459,11 +500,36 @@ impl Trainer {
                 .load_weights(model, &dir.join(checkpoint::MODEL_FILE))?;
             t
         };
-        t.optimizer
-            .load(model.ctx(), &dir.join(checkpoint::OPTIMIZER_FILE))?;
+        t.resumed_world = Some(state.world_size.unwrap_or(1));
+        let world = dp.as_ref().map_or(1, |d| d.world_size());
+        if let Some(dp) = dp {
+            t.set_data_parallel(dp)?;
+        } else {
+            t.check_world(1)?;
+        }
+        let optimizer_file = match (state.optimizer_sharded, &t.dist) {
+            (true, Some(d)) if t.optimizer.is_sharded() => {
+                checkpoint::optimizer_rank_file(d.rank(), world)
+            }
+            (false, _) if !t.optimizer.is_sharded() => checkpoint::OPTIMIZER_FILE.to_string(),
+            (saved, _) => {
+                return Err(Error::Config(format!(
+                    "the checkpoint {} holds the optimizer state {}, this run {} it \
+                     (resume with the same dist.strategy)",
+                    dir.display(),
+                    if saved { "split over ranks" } else { "whole" },
+                    if t.optimizer.is_sharded() {
+                        "splits"
+                    } else {
+                        "keeps whole"
+                    }
+                )))
+            }
+        };
+        t.optimizer.load(model.ctx(), &dir.join(&optimizer_file))?;
         if t.optimizer.steps_applied() != state.optimizer_step {
             return Err(Error::Checkpoint {
-                path: dir.join(checkpoint::OPTIMIZER_FILE),
+                path: dir.join(&optimizer_file),
                 msg: format!(
                     "optimizer step {} disagrees with trainer_state.json ({})",
                     t.optimizer.steps_applied(),
@@ -477,7 +543,6 @@ impl Trainer {
         }
         t.step = state.step;
         t.cursor = state.cursor;
-        t.resumed_world = Some(state.world_size.unwrap_or(1));
         Ok(t)
     }
 
