@@ -379,7 +379,10 @@ impl ShardedBuilder {
             .0
             .simulated_peer_bytes
             .store(peer_bytes, Ordering::Relaxed);
-        let collective = self.cfg.simulate_world.is_none() && self.world > 1;
+        // NCCL gathers even a world of one (its path is then exercised on
+        // a single GPU); the CPU backend's world of one copies.
+        let collective = self.cfg.simulate_world.is_none()
+            && (self.world > 1 || self.group.backend() == Backend::Nccl);
         if collective {
             check_same_layouts(&self.ctx, &*self.group, self.world, &homes)?;
         }
@@ -551,8 +554,8 @@ struct Shared {
     world: usize,
     /// This rank in it.
     rank: usize,
-    /// Gathers go through the group (a real world of more than one rank);
-    /// otherwise they are copies.
+    /// Gathers go through the group (a real world of more than one rank,
+    /// or NCCL at any size); otherwise they are copies.
     collective: bool,
     offload: bool,
     lookahead: usize,

@@ -99,9 +99,6 @@ impl DataParallel {
     /// one dtype are packed, in [`Grads::tensors_mut`] order, into buckets
     /// of at most the bucket size (a larger tensor is reduced alone).
     pub fn all_reduce_grads(&self, ctx: &Ctx, grads: &mut Grads) -> Result<()> {
-        if self.group.world_size() == 1 {
-            return Ok(());
-        }
         let mut by_dtype: Vec<(DType, Vec<&mut Tensor>)> = Vec::new();
         for t in grads.tensors_mut() {
             match by_dtype.iter_mut().find(|(d, _)| *d == t.dtype()) {

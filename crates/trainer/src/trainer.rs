@@ -180,7 +180,9 @@ impl Trainer {
         if dp.shards_optimizer() {
             self.optimizer.shard_state(dp.clone())?;
         }
-        self.dist = (dp.world_size() > 1).then_some(dp);
+        // A world of one still goes through the group (an explicit
+        // backend at world 1 checks that path).
+        self.dist = Some(dp);
         Ok(())
     }
 
