@@ -538,7 +538,7 @@ fn missing_rank_fails_the_rendezvous_naming_the_address() {
     let start_at = Instant::now();
     let (job, port) = start("collectives", 3, &[0, 1], Vars::Torchrun, &env);
     let (codes, lines) = job.finish(Duration::from_secs(20));
-    assert!(start_at.elapsed() < Duration::from_secs(5));
+    assert!(start_at.elapsed() < Duration::from_secs(10));
     assert_eq!(codes, [Some(FAILED), Some(FAILED)]);
     for (rank, l) in lines.iter().enumerate() {
         assert_eq!(
