@@ -12,6 +12,8 @@
 #   world1  the demo job through a real NCCL communicator at world 1
 #           (full_shard, shard_grad_op, no_shard) against the plain run,
 #           deterministic attention: per-step losses and adapter SHA-256
+#   world1bench  the 70B shape cut to 8 layers, resident against the sharded
+#           store gathering through NCCL at world 1 (same losses? tokens/s?)
 #   sim70b  rank 0 of a 2-rank Llama-2-70B NF4 QLoRA r16 job, seq 2048
 #           (`llmft bench --simulate-world 2`): with parameter offload at
 #           micro-batch 2, and without it at micro-batch 1
@@ -91,6 +93,11 @@ print(json.dumps({"tag": f"world1 {v}", "impl": "llmft", "model": "demo", "world
                   "losses": [x["loss"] for x in m if "loss" in x], "trained_sha256": sha}))
 EOF
     done ;;
+  world1bench)
+    c=(--model llama2-70b --layers 8 --train-type qlora --seq 2048 --micro-batch 2 --steps 8 --warmup 3 --gemm-size 0 --deterministic)
+    bench "70b-8l resident" "${c[@]}"
+    bench "70b-8l nccl world 1 full_shard" "${c[@]}" --backend nccl --strategy full_shard
+    bench "70b-8l nccl world 1 full_shard params offloaded" "${c[@]}" --backend nccl --strategy full_shard --offload-params ;;
   sim70b)
     bench "70b sim2 full_shard params offloaded mb2" "${q70[@]}" --micro-batch 2 --steps 5 --warmup 2 \
       --simulate-world 2 --offload-params

@@ -233,7 +233,14 @@ fn bad_arguments_are_errors() {
     assert_eq!(x.to_vec::<f32>().unwrap(), [1.0, 2.0]);
 }
 
+// On the H200 (2026-12-01) the watchdog fired and printed its message, but
+// the stalled process never ended: with the compute stream blocked by
+// cuStreamWaitValue32 the second all_reduce call itself did not return (NCCL
+// or the driver waits for the device on the host), and ncclCommAbort cannot
+// free a stream blocked that way. A real stall (a peer that never joins) is
+// `stalled_rank_is_reported_by_the_watchdog`, which needs two GPUs.
 #[test]
+#[ignore = "hangs on one GPU: a stream blocked by cuStreamWaitValue32 also blocks the next NCCL call on the host (see above)"]
 fn watchdog_aborts_a_collective_that_outlives_the_timeout() {
     if gpus("watchdog_aborts_a_collective_that_outlives_the_timeout").is_none() {
         return;
@@ -244,13 +251,13 @@ fn watchdog_aborts_a_collective_that_outlives_the_timeout() {
     assert_eq!(codes, [Some(0)], "{out:?}");
     let l = &out[0].0;
     assert!(
-        l[0] == "poisoned rank 0: NCCL all_reduce #1 (1000 x f32) did not complete within 0.3 s; \
+        l[0] == "poisoned rank 0: NCCL all_reduce #2 (1000 x f32) did not complete within 0.3 s; \
                  the communicator was aborted",
         "{l:?}"
     );
     assert!(
         l[1].starts_with(
-            "after process group is unusable after an earlier failure: rank 0: NCCL all_reduce #1"
+            "after process group is unusable after an earlier failure: rank 0: NCCL all_reduce #2"
         ),
         "{l:?}"
     );
@@ -367,6 +374,11 @@ fn stall_one(world: &WorldInfo, gpu: &Ctx) -> R {
     let pg = NcclGroup::connect(world, gpu, &nccl_cfg(Duration::from_millis(300))).map_err(e)?;
     let flag = Tensor::zeros(gpu, DType::I32, &[1]).unwrap();
     let mut x = Tensor::zeros(gpu, DType::F32, &[1000]).unwrap();
+    // NCCL connects lazily at a communicator's first collective, on the
+    // host, in step with the stream: a first call behind a blocked stream
+    // would itself block. One collective first, then the stall.
+    pg.all_reduce_sum(gpu, &mut x).map_err(e)?;
+    pg.synchronize().map_err(e)?;
     gpu.synchronize().unwrap();
     let cu = gpu.cuda_ctx().unwrap();
     let fp = flag.device_ptr().unwrap();
