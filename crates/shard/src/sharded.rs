@@ -255,6 +255,15 @@ fn comm(e: Error) -> llmft_tensor::Error {
     }
 }
 
+/// A failed gather of `unit`, naming it (a dead or stalled peer shows up
+/// here first).
+fn gather_failed(unit: Unit) -> impl FnOnce(Error) -> llmft_tensor::Error {
+    move |e| match e {
+        Error::Tensor(t) => t,
+        other => invalid(format!("gathering {unit}: {other}")),
+    }
+}
+
 /// Checks that `unit` exists in a store of `n` units; its slot index.
 fn unit_index(unit: Unit, n: usize) -> TResult<usize> {
     let ok = match unit {
@@ -797,6 +806,7 @@ impl Shared {
         st.detach(&self.ctx, id)?;
         let ctx = &self.ctx;
         let home = &self.homes[u];
+        let unit = Unit::from_index(u, self.homes.len());
         let s = home.shard.bytes();
         let slot = st.slot(id)?;
         let mut buf = slot.buf.clone();
@@ -806,7 +816,7 @@ impl Shared {
             let pending = if home.shard.device() == buf.device() {
                 self.group
                     .all_gather_start(ctx, &home.shard, &mut buf)
-                    .map_err(comm)?
+                    .map_err(gather_failed(unit))?
             } else {
                 // The pinned shard goes up into its slot, then the gather
                 // runs in place once the comm stream has seen the copy.
@@ -817,7 +827,7 @@ impl Shared {
                 copied = Some(Arc::new(ev));
                 self.group
                     .all_gather_start(ctx, &mine, &mut buf)
-                    .map_err(comm)?
+                    .map_err(gather_failed(unit))?
             };
             slot.pending = Some(pending);
             slot.ready = Arc::new(Event::done());
