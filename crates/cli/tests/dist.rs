@@ -1,7 +1,7 @@
 //! Multi-process training on the CPU backend, through the binary: world 2
 //! (started by `llmft launch`, as torchrun starts it, and as SLURM's `srun`
 //! starts it) trains like world 1 at the same global batch for every
-//! sharding strategy; a world-2 run killed with `kill -9` ends everywhere,
+//! sharding strategy (hybrid_shard over two "nodes" of two ranks too); a world-2 run killed with `kill -9` ends everywhere,
 //! names the rank, keeps its last checkpoint loadable, and resumes to the
 //! same steps as a straight run; a rank whose peer never comes fails within
 //! the timeout naming the address.
@@ -206,6 +206,52 @@ fn world_2_trains_as_world_1_for_every_strategy() {
         std::fs::remove_dir_all(d).unwrap();
     }
     eprintln!("strategies: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn hybrid_shard_over_two_nodes_of_two_ranks_trains_as_world_1() {
+    let one = scratch("dist-hybrid-w1");
+    let (code, o, e) = run(&train_args(&one, &[STEPS, "train.grad_accum=4"]), &[]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    // Two "nodes" on this machine: a launcher each, 2 ranks each.
+    let four = scratch("dist-hybrid-w4");
+    let args = train_args(
+        &four,
+        &[STEPS, "dist.backend=\"cpu\"", "dist.strategy=\"hybrid_shard\""],
+    );
+    let p = port(11).to_string();
+    let nodes: Vec<Child> = (0..2)
+        .map(|node| {
+            let mut a = vec![
+                "launch".to_string(),
+                "--nproc-per-node".into(),
+                "2".into(),
+                "--nnodes".into(),
+                "2".into(),
+                "--node-rank".into(),
+                node.to_string(),
+                "--master-port".into(),
+                p.clone(),
+                "--".into(),
+            ];
+            a.extend(args.iter().cloned());
+            command(&a, &[]).spawn().unwrap()
+        })
+        .collect();
+    for (node, c) in nodes.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "node {node}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let f = "adapter/adapter_model.safetensors";
+    assert_same_run("hybrid_shard", &one, &four, f, 1e-5);
+    for d in [one, four] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
 
 /// Two `llmft train` processes started with `env(rank)` each, as a
