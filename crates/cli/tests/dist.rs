@@ -1,10 +1,11 @@
 //! Multi-process training on the CPU backend, through the binary: world 2
 //! (started by `llmft launch`, as torchrun starts it, and as SLURM's `srun`
 //! starts it) trains like world 1 at the same global batch for every
-//! sharding strategy (hybrid_shard over two "nodes" of two ranks too); a world-2 run killed with `kill -9` ends everywhere,
-//! names the rank, keeps its last checkpoint loadable, and resumes to the
-//! same steps as a straight run; a rank whose peer never comes fails within
-//! the timeout naming the address.
+//! sharding strategy (hybrid_shard over two "nodes" of two ranks too); a
+//! world-2 run killed with `kill -9` ends everywhere, names the rank, keeps
+//! its last checkpoint loadable, and resumes to the same steps as a straight
+//! run; a rank whose peer never comes fails within the timeout naming the
+//! address.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
