@@ -316,18 +316,11 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         (Some(a), Some(b)) => format!(", loss {a:.4} → {b:.4}"),
         _ => String::new(),
     };
-    if is_demo {
-        // Every rank generates (a sharded store's fetches are collectives).
-        let after = demo::accuracy(&model, tok, &questions)?;
-        say(format!("held-out answer accuracy after training: {after}"));
-        if let Some(b) = before {
-            say(format!(
-                "held-out answer accuracy: {:.1}% before, {:.1}% after training",
-                100.0 * b,
-                100.0 * after.all
-            ));
-        }
-    }
+    // Every rank generates (a sharded store's fetches are collectives).
+    let after = match is_demo {
+        true => Some(demo::accuracy(&model, tok, &questions)?),
+        false => None,
+    };
     if !lead {
         return Ok(());
     }
@@ -347,6 +340,16 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
             "validation loss {:.4}, perplexity {:.3}",
             e.loss, e.perplexity
         );
+    }
+    if let Some(after) = after {
+        println!("held-out answer accuracy after training: {after}");
+        if let Some(b) = before {
+            println!(
+                "held-out answer accuracy: {:.1}% before, {:.1}% after training",
+                100.0 * b,
+                100.0 * after.all
+            );
+        }
     }
     println!(
         "wrote {} ({}), metrics {}{}",

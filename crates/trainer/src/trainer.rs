@@ -74,7 +74,7 @@ pub struct Trainer {
     cursor: Option<Cursor>,
     /// Dynamic loss scaling, for f16 models only.
     scaler: Option<LossScale>,
-    /// The data-parallel group, when more than one rank trains.
+    /// The data-parallel group (a world of one too, when one was set).
     dist: Option<DataParallel>,
     /// Ranks of the run a resumed checkpoint came from.
     resumed_world: Option<usize>,
@@ -171,10 +171,10 @@ impl Trainer {
     /// Trains data-parallel over `dp`: each rank passes its own part of
     /// every global batch to [`Trainer::step`] (the loader's shard); the
     /// loss normalizer and the gradients are summed over the ranks, so
-    /// every rank applies the same update. Checkpoints are written by rank
-    /// 0 (the state is replicated) while the others wait.
-    /// A trainer resumed from a checkpoint of another world size is
-    /// refused: its data cursor counts that many ranks' batches.
+    /// every rank applies the same update. With
+    /// [`DataParallel::with_sharded_optimizer`] the optimizer state is split
+    /// over the ranks. A trainer resumed from a checkpoint of another world
+    /// size is refused: its data cursor counts that many ranks' batches.
     pub fn set_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
         self.check_world(dp.world_size())?;
         if dp.shards_optimizer() {
@@ -196,16 +196,6 @@ impl Trainer {
             ))),
             _ => Ok(()),
         }
-    }
-
-    /// The data-parallel group, if any.
-    pub fn data_parallel(&self) -> Option<&DataParallel> {
-        self.dist.as_ref()
-    }
-
-    /// This process's rank (0 without data parallelism).
-    pub fn rank(&self) -> usize {
-        self.dist.as_ref().map_or(0, |d| d.rank())
     }
 
     /// The configuration.
