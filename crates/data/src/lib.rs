@@ -40,6 +40,7 @@
 //! ```
 
 mod batch;
+mod bounds;
 mod config;
 mod dataset;
 mod encode;

@@ -33,12 +33,18 @@
 //!     trained when its first byte lies in a span ([`MaskRule::FirstByte`]).
 //! - [`SegmentTemplate`]: built from format strings (the built-ins and
 //!   `custom`); spans are exactly the assistant format's text.
+//!
+//! A Jinja template is untrusted code, so each render is bounded in steps,
+//! recursion, output size and value size (see [`crate::bounds`] for the
+//! limits); one that hits a limit fails with a sentence naming where the
+//! template came from ([`JinjaTemplate::with_origin`]) and the limit.
 
 use std::ops::Range;
 
 use minijinja::value::Value as JValue;
 use minijinja::{Environment, ErrorKind};
 
+use crate::bounds::{self, CappedWriter};
 use crate::config::{CustomTemplate, TemplateConfig};
 use crate::error::{Error, Result};
 use crate::format::{Conversation, Role};
@@ -100,13 +106,18 @@ impl ChatTemplate {
                         tokenizer.path().display()
                     ),
                 })?;
-                Ok(ChatTemplate::Jinja(JinjaTemplate::new(
-                    "model", source, bos, eos,
-                )?))
+                let origin = match tokenizer.chat_template_origin() {
+                    Some(p) => p.display().to_string(),
+                    None => format!("the tokenizer at {}", tokenizer.path().display()),
+                };
+                Ok(ChatTemplate::Jinja(
+                    JinjaTemplate::new("model", source, bos, eos)?.with_origin(origin),
+                ))
             }
-            TemplateConfig::Jinja(source) => Ok(ChatTemplate::Jinja(JinjaTemplate::new(
-                "jinja", source, bos, eos,
-            )?)),
+            TemplateConfig::Jinja(source) => Ok(ChatTemplate::Jinja(
+                JinjaTemplate::new("jinja", source, bos, eos)?
+                    .with_origin("the config's inline `jinja` template"),
+            )),
             TemplateConfig::Alpaca => builtin("alpaca"),
             TemplateConfig::Llama2 => builtin("llama2"),
             TemplateConfig::Llama3 => builtin("llama3"),
@@ -341,6 +352,8 @@ impl SegmentTemplate {
 /// A Hugging Face Jinja chat template.
 pub struct JinjaTemplate {
     env: Environment<'static>,
+    /// Where the template came from, for errors about its limits.
+    origin: String,
     bos: String,
     eos: String,
     /// Whether the template has `{% generation %}` blocks (spans come from
@@ -351,6 +364,7 @@ pub struct JinjaTemplate {
 impl std::fmt::Debug for JinjaTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JinjaTemplate")
+            .field("origin", &self.origin)
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("marked", &self.marked)
@@ -383,9 +397,13 @@ impl JinjaTemplate {
             return Err(template_error(reserved_message("the template")));
         }
         let (source, marked) = rewrite_generation_tags(source);
+        let source = bounds::wrap_value_builders(&source);
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(bounds::FUEL));
+        env.set_recursion_limit(bounds::RECURSION);
+        env.add_function(bounds::BOUNDED_FN, bounds::bounded);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -400,10 +418,18 @@ impl JinjaTemplate {
             .map_err(|e| template_error(describe(&e)))?;
         Ok(JinjaTemplate {
             env,
+            origin: format!("template `{name}`"),
             bos: bos.unwrap_or("").to_string(),
             eos: eos.unwrap_or("").to_string(),
             marked,
         })
+    }
+
+    /// Name where the template came from (a file, or what configured it)
+    /// in errors about its limits; by default its name.
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = origin.into();
+        self
     }
 
     /// Whether the template marks assistant text with `{% generation %}`
@@ -431,14 +457,25 @@ impl JinjaTemplate {
         track: bool,
     ) -> std::result::Result<String, String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| describe(&e))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-            __llmft_track_generation => track,
-        })
-        .map_err(|e| describe(&e))
+        let mut out = CappedWriter::default();
+        let rendered = tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+                __llmft_track_generation => track,
+            },
+            &mut out,
+        );
+        if let Err(e) = rendered {
+            return Err(match bounds::limit_hit(&e, out.overflowed) {
+                Some(limit) => format!("the template from {} {limit}", self.origin),
+                None => describe(&e),
+            });
+        }
+        // The template's pieces are strings, so its output is UTF-8.
+        String::from_utf8(out.buf).map_err(|e| e.to_string())
     }
 
     /// Render a conversation (without a generation prompt) and find its
@@ -739,6 +776,8 @@ fn raw_end(source: &str, from: usize) -> usize {
     source.len()
 }
 
+const MAX_JSON_INDENT: usize = 64;
+
 /// `tojson` as transformers defines it: Python `json.dumps` spacing
 /// (`", "` and `": "`), non-ASCII kept, optional `indent`.
 fn tojson(
@@ -746,6 +785,13 @@ fn tojson(
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<JValue, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    // An untrusted template could ask for a gigabyte of spaces per line.
+    if indent.is_some_and(|n| n > MAX_JSON_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson indent over {MAX_JSON_INDENT}"),
+        ));
+    }
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;

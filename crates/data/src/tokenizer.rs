@@ -20,6 +20,8 @@ pub struct ModelTokenizer {
     eos_id: Option<u32>,
     pad_id: u32,
     chat_template: Option<String>,
+    /// The file the chat template was read from.
+    chat_template_origin: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -49,6 +51,7 @@ impl ModelTokenizer {
         if jinja.exists() {
             tok.chat_template =
                 Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            tok.chat_template_origin = Some(jinja);
         }
         Ok(tok)
     }
@@ -99,6 +102,10 @@ impl ModelTokenizer {
                 .map(str::to_string),
             _ => None,
         };
+        let chat_template_origin = chat_template
+            .as_ref()
+            .and(config_json)
+            .map(Path::to_path_buf);
         Ok(ModelTokenizer {
             inner,
             path,
@@ -108,6 +115,7 @@ impl ModelTokenizer {
             eos_id,
             pad_id,
             chat_template,
+            chat_template_origin,
         })
     }
 
@@ -123,6 +131,7 @@ impl ModelTokenizer {
             eos_id: None,
             pad_id: 0,
             chat_template: None,
+            chat_template_origin: None,
         }
     }
 
@@ -139,6 +148,7 @@ impl ModelTokenizer {
     /// Set the Jinja chat template.
     pub fn with_chat_template(mut self, template: impl Into<String>) -> Self {
         self.chat_template = Some(template.into());
+        self.chat_template_origin = None;
         self
     }
 
@@ -173,6 +183,12 @@ impl ModelTokenizer {
     /// The model's Jinja chat template, if it has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// The file the chat template was read from (`tokenizer_config.json` or
+    /// `chat_template.jinja`); `None` when set in code or absent.
+    pub fn chat_template_origin(&self) -> Option<&Path> {
+        self.chat_template_origin.as_deref()
     }
 
     /// Token ids and byte offsets of `text`. `add_special_tokens` runs the
