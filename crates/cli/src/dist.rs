@@ -39,15 +39,30 @@ pub fn world() -> Result<WorldInfo, String> {
 }
 
 /// The compute device of this rank: `model.device`, where `auto` in a world
-/// of several processes means the GPU of the local rank (when there is a
-/// GPU at all).
+/// of several processes means the GPU of the local rank (`cuda:LOCAL_RANK`,
+/// or `cuda:0` when each rank sees one GPU), the CPU when there is none.
 pub fn device_for(s: &Settings, world: &WorldInfo) -> Result<Ctx, String> {
     if s.model.device == "auto" && world.world_size > 1 {
-        if let Device::Cuda(_) = Ctx::best().device() {
-            return Ctx::new(Device::Cuda(world.local_rank)).map_err(|e| {
+        // Counting devices makes no context: a rank touches only its GPU.
+        let gpus = llmft_tensor::cuda_device_count();
+        if gpus > 0 {
+            // One visible GPU per rank (SLURM's --gpus-per-task binding, or
+            // CUDA_VISIBLE_DEVICES per rank) is cuda:0 for every rank.
+            let ordinal = match (world.local_rank < gpus, gpus) {
+                (true, _) => world.local_rank,
+                (false, 1) => 0,
+                (false, _) => {
+                    return Err(format!(
+                        "rank {}: local rank {} has no GPU of its own ({gpus} are visible); \
+                         start at most {gpus} processes per node",
+                        world.rank, world.local_rank
+                    ))
+                }
+            };
+            return Ctx::new(Device::Cuda(ordinal)).map_err(|e| {
                 format!(
-                    "rank {}: the GPU of local rank {} (cuda:{}): {e}; start one process per GPU",
-                    world.rank, world.local_rank, world.local_rank
+                    "rank {}: the GPU of local rank {} (cuda:{ordinal}): {e}; start one process per GPU",
+                    world.rank, world.local_rank
                 )
             });
         }
