@@ -5,6 +5,14 @@
 //! watches them: the first rank to fail (or a SIGINT/SIGTERM to the launcher)
 //! stops the others with SIGTERM, then SIGKILL after a grace period.
 //!
+//! The ranks share a job token (`LLMFT_JOB_TOKEN`, see
+//! [`llmft_shard::JobToken`]): one already set is inherited; otherwise a
+//! single-node launch makes a random one (128 bits, hex), so nothing else on
+//! the machine or the network can join or disturb the rendezvous. A
+//! multi-node launch makes none, since each node's launcher would make a
+//! different one: set the same `LLMFT_JOB_TOKEN` on every node (without it
+//! the job runs unguarded, and the launcher says so).
+//!
 //! Each rank runs in a process group of its own, so a signal reaches the
 //! rank's own children too (data workers, a `sh -c` pipeline), and dies with
 //! the launcher if the launcher is killed outright (`PR_SET_PDEATHSIG`).
@@ -13,6 +21,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use llmft_shard::JOB_TOKEN_VAR;
 
 /// How often the launcher looks at its ranks and at its own signals.
 const POLL: Duration = Duration::from_millis(100);
@@ -82,6 +92,9 @@ pub struct Plan {
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// The job token made for the ranks (`None`: `LLMFT_JOB_TOKEN` is set
+    /// already, or the job spans nodes).
+    pub job_token: Option<String>,
 }
 
 impl Plan {
@@ -140,6 +153,14 @@ impl Plan {
             let exe = exe().map_err(|e| format!("cannot find the llmft executable: {e}"))?;
             (exe.into_os_string(), a.args.clone())
         };
+        let inherited = get(JOB_TOKEN_VAR).is_some_and(|t| !t.is_empty());
+        let job_token = if inherited || nnodes > 1 {
+            None
+        } else {
+            Some(random_token().map_err(|e| {
+                format!("cannot read /dev/urandom for a job token ({e}); set {JOB_TOKEN_VAR}")
+            })?)
+        };
         Ok(Self {
             nproc_per_node,
             nnodes,
@@ -148,6 +169,7 @@ impl Plan {
             master_port,
             program,
             args,
+            job_token,
         })
     }
 
@@ -185,8 +207,19 @@ impl Plan {
         if get("NCCL_NVLS_ENABLE").is_none() {
             env.push(("NCCL_NVLS_ENABLE", "0".into()));
         }
+        if let Some(t) = &self.job_token {
+            env.push((JOB_TOKEN_VAR, t.clone()));
+        }
         env
     }
+}
+
+/// 128 random bits from the kernel, as 32 hex digits.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// How a rank ended.
@@ -495,6 +528,12 @@ pub fn main(args: &LaunchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if plan.nnodes > 1 && std::env::var(JOB_TOKEN_VAR).map_or(true, |t| t.is_empty()) {
+        eprintln!(
+            "llmft launch: {JOB_TOKEN_VAR} is not set: anyone who can reach this job's ports can \
+             join it; set the same {JOB_TOKEN_VAR} on every node"
+        );
+    }
     match run(&plan) {
         Ok(outcome) => {
             if let Some(line) = outcome.line() {
@@ -685,6 +724,35 @@ mod tests {
         // A setting of the user's own is kept.
         let env = p.rank_env(0, |k| (k == "NCCL_NVLS_ENABLE").then(|| "1".into()));
         assert!(env.iter().all(|(n, _)| *n != "NCCL_NVLS_ENABLE"));
+    }
+
+    #[test]
+    fn a_single_node_job_gets_a_token_unless_one_is_set() {
+        let token = |p: &Plan| {
+            let env = p.rank_env(1, |_| None);
+            env.iter()
+                .find(|(n, _)| *n == JOB_TOKEN_VAR)
+                .map(|(_, v)| v.clone())
+        };
+        let one = plan(&["--nproc-per-node", "2", "--", "x"], &[]).unwrap();
+        let t = token(&one).unwrap();
+        assert!(
+            t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{t}"
+        );
+        // The same for every rank, and new for every job.
+        assert_eq!(one.rank_env(0, |_| None), one.rank_env(0, |_| None));
+        let again = plan(&["--nproc-per-node", "2", "--", "x"], &[]).unwrap();
+        assert_ne!(token(&again), Some(t));
+        // The user's own is inherited, not replaced.
+        let set = plan(
+            &["--nproc-per-node", "2", "--", "x"],
+            &[(JOB_TOKEN_VAR, "mine")],
+        );
+        assert_eq!(token(&set.unwrap()), None);
+        // Over nodes each launcher would make another: none is made.
+        let nodes = plan(&["--nproc-per-node", "2", "--nnodes", "2", "--", "x"], &[]).unwrap();
+        assert_eq!(token(&nodes), None);
     }
 
     #[test]

@@ -218,7 +218,11 @@ fn hybrid_shard_over_two_nodes_of_two_ranks_trains_as_world_1() {
     let four = scratch("dist-hybrid-w4");
     let args = train_args(
         &four,
-        &[STEPS, "dist.backend=\"cpu\"", "dist.strategy=\"hybrid_shard\""],
+        &[
+            STEPS,
+            "dist.backend=\"cpu\"",
+            "dist.strategy=\"hybrid_shard\"",
+        ],
     );
     let p = port(11).to_string();
     let nodes: Vec<Child> = (0..2)

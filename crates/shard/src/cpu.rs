@@ -25,21 +25,32 @@
 //! `origin: u32` and the error text: a rank whose collective fails sends it
 //! to the next rank (which forwards it), then closes its connections, so
 //! every rank fails within moments, naming the rank that failed first.
-//! The data connections open with `LLMFTPG1, rank: u32, world: u32` and
-//! are answered `LLMFTPG1, rank: u32`.
+//! The data connections open with `LLMFTPG2, rank: u32, world: u32,
+//! token_len: u16, token` (the job token of the store, see
+//! [`crate::JobToken`]) and are answered `LLMFTPG2, rank: u32, status: u8`
+//! (`0` accepted, `1` a wrong or missing token). A listener serves each
+//! hello on its own thread, with the store's limits: a hello within
+//! [`crate::HANDSHAKE_TIMEOUT`], at most [`crate::MAX_PENDING`] waiting, a
+//! token of at most [`crate::MAX_TOKEN`] bytes; anything else is closed and
+//! reported on stderr. The listener binds the address it advertises.
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use llmft_tensor::{bf16, f16, Ctx, DType, Device, Element, Tensor};
 
 use crate::group::{Backend, GroupConfig, ProcessGroup};
-use crate::{Error, Result, TcpStore, WorldInfo};
+use crate::store::{
+    check_token, hello_failed, read_by, refused, token_frame, Pending, Warnings, ACCEPTED, REFUSED,
+};
+use crate::{
+    Error, JobToken, Result, TcpStore, WorldInfo, HANDSHAKE_TIMEOUT, MAX_PENDING, MAX_TOKEN,
+};
 
-const HELLO: &[u8; 8] = b"LLMFTPG1";
+const HELLO: &[u8; 8] = b"LLMFTPG2";
 const DATA: u8 = b'D';
 const ABORT: u8 = b'A';
 const HEADER: usize = 32;
@@ -214,16 +225,34 @@ impl CpuGroup {
         }
         let (next_rank, prev_rank) = ((rank + 1) % w, (rank + w - 1) % w);
         let next_addr = addrs[next_rank];
-        let mut next = connect_next(next_addr, rank, w, deadline).map_err(|e| {
+        let token = store.token().cloned();
+        let mut next = connect_next(next_addr, rank, w, token.as_ref(), deadline).map_err(|e| {
             rendezvous(format!("cannot reach rank {next_rank} at {next_addr}: {e}"))
         })?;
-        let prev = accept_prev(&listener, rank, prev_rank, w, deadline)
+        let me = Hello {
+            rank,
+            prev: prev_rank,
+            world: w,
+            token: token.clone(),
+        };
+        let warnings = Arc::new(Warnings::new(format!(
+            "llmft rank {rank}, data listener {mine}"
+        )));
+        let prev = accept_prev(&listener, me, &warnings, deadline)
             .map_err(|e| rendezvous(format!("rank {prev_rank} did not connect to {mine}: {e}")))?;
-        read_ack(&mut next, next_rank, deadline).map_err(|e| {
-            rendezvous(format!(
-                "rank {next_rank} at {next_addr} did not answer: {e}"
-            ))
-        })?;
+        warnings.flush();
+        match read_ack(&mut next, next_rank, deadline) {
+            Ok(ACCEPTED) => {}
+            Ok(_) => {
+                let by = format!("rank {next_rank}");
+                return Err(refused(rank, next_addr.to_string(), token.as_ref(), &by));
+            }
+            Err(e) => {
+                return Err(rendezvous(format!(
+                    "rank {next_rank} at {next_addr} did not answer: {e}"
+                )))
+            }
+        }
         let wait = Some(cfg.timeout.max(MIN_WAIT));
         for s in [&next, &prev] {
             let set = s
@@ -290,6 +319,7 @@ fn connect_next(
     addr: SocketAddr,
     rank: usize,
     world: usize,
+    token: Option<&JobToken>,
     deadline: Instant,
 ) -> std::io::Result<TcpStream> {
     let mut s = loop {
@@ -308,57 +338,123 @@ fn connect_next(
     let mut hello = HELLO.to_vec();
     hello.extend_from_slice(&(rank as u32).to_le_bytes());
     hello.extend_from_slice(&(world as u32).to_le_bytes());
+    hello.extend_from_slice(&token_frame(token));
     s.write_all(&hello)?;
     Ok(s)
 }
 
-/// Accepts the previous rank's connection, skipping anything else that
-/// connects, and answers its hello.
-fn accept_prev(
-    listener: &TcpListener,
+/// What a listening rank expects of the hello of the rank before it.
+#[derive(Clone)]
+struct Hello {
     rank: usize,
     prev: usize,
     world: usize,
+    token: Option<JobToken>,
+}
+
+/// Accepts the previous rank's connection. Every connection's hello is read
+/// on its own thread, so nothing else that connects (a stranger, a
+/// half-open socket) can hold up the one that counts; the others are
+/// closed and reported.
+fn accept_prev(
+    listener: &TcpListener,
+    me: Hello,
+    warnings: &Arc<Warnings>,
     deadline: Instant,
 ) -> std::io::Result<TcpStream> {
     listener.set_nonblocking(true)?;
+    let (tx, rx) = mpsc::channel();
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
+        if let Ok(s) = rx.try_recv() {
+            return Ok(s);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match listener.accept() {
-            Ok((mut s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(left.clamp(MIN_WAIT, Duration::from_secs(5))))?;
-                let mut hello = [0u8; 16];
-                let ok = s.read_exact(&mut hello).is_ok()
-                    && &hello[..8] == HELLO
-                    && le32(&hello[8..]) as usize == prev
-                    && le32(&hello[12..]) as usize == world;
-                if ok {
-                    let mut ack = HELLO.to_vec();
-                    ack.extend_from_slice(&(rank as u32).to_le_bytes());
-                    s.set_write_timeout(Some(left.max(MIN_WAIT)))?;
-                    s.write_all(&ack)?;
-                    return Ok(s);
-                }
+            Ok((s, peer)) => {
+                let Some(waiting) = Pending::try_new(&pending) else {
+                    let why = format!("{MAX_PENDING} connections are already waiting to say hello");
+                    warnings.refused(peer, &why);
+                    continue;
+                };
+                let (tx, me, warnings) = (tx.clone(), me.clone(), warnings.clone());
+                // A connection that cannot get a thread is dropped with it.
+                let _ = std::thread::Builder::new()
+                    .name("llmft-pg-hello".into())
+                    .spawn(move || {
+                        let hello = answer_hello(s, &me);
+                        drop(waiting);
+                        match hello {
+                            Ok(s) => drop(tx.send(s)),
+                            Err(why) => warnings.refused(peer, &why),
+                        }
+                    });
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            Err(e) => {
                 if left.is_zero() {
                     return Err(std::io::Error::new(ErrorKind::TimedOut, "timed out"));
                 }
-                std::thread::sleep(left.min(Duration::from_millis(2)));
+                // Nothing to accept (or a peer gone before its accept, or
+                // no descriptor left): wait for a hello a moment.
+                let wait = if e.kind() == ErrorKind::WouldBlock {
+                    2
+                } else {
+                    10
+                };
+                if let Ok(s) = rx.recv_timeout(left.min(Duration::from_millis(wait))) {
+                    return Ok(s);
+                }
             }
-            Err(e) => return Err(e),
         }
     }
 }
 
-/// Reads the next rank's answer to our hello.
-fn read_ack(s: &mut TcpStream, next: usize, deadline: Instant) -> std::io::Result<()> {
+/// Reads and answers one hello: `Ok` with the stream of the previous rank,
+/// `Err` with why the connection is refused.
+fn answer_hello(mut s: TcpStream, me: &Hello) -> std::result::Result<TcpStream, String> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    s.set_nonblocking(false).map_err(hello_failed)?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(hello_failed)?;
+    let mut h = [0u8; 18];
+    read_by(&mut s, &mut h, deadline).map_err(hello_failed)?;
+    if &h[..8] != HELLO {
+        return Err("sent bytes that are not an llmft rank's hello".into());
+    }
+    let (r, w) = (le32(&h[8..]) as usize, le32(&h[12..]) as usize);
+    let len = u16::from_le_bytes([h[16], h[17]]) as usize;
+    if len > MAX_TOKEN {
+        return Err(format!(
+            "announced a job token of {len} bytes (at most {MAX_TOKEN})"
+        ));
+    }
+    let mut got = vec![0u8; len];
+    read_by(&mut s, &mut got, deadline).map_err(hello_failed)?;
+    let mut ack = HELLO.to_vec();
+    ack.extend_from_slice(&(me.rank as u32).to_le_bytes());
+    if let Err(why) = check_token(me.token.as_ref(), &got) {
+        ack.push(REFUSED);
+        let _ = s.write_all(&ack);
+        return Err(why.into());
+    }
+    if (r, w) != (me.prev, me.world) {
+        return Err(format!(
+            "said it is rank {r} of {w}, not rank {} of {}",
+            me.prev, me.world
+        ));
+    }
+    ack.push(ACCEPTED);
+    s.write_all(&ack).map_err(hello_failed)?;
+    Ok(s)
+}
+
+/// Reads the next rank's answer to our hello: its status.
+fn read_ack(s: &mut TcpStream, next: usize, deadline: Instant) -> std::io::Result<u8> {
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(MIN_WAIT);
     s.set_read_timeout(Some(left))?;
-    let mut ack = [0u8; 12];
+    let mut ack = [0u8; 13];
     s.read_exact(&mut ack)?;
     if &ack[..8] != HELLO || le32(&ack[8..]) as usize != next {
         return Err(std::io::Error::new(
@@ -366,7 +462,7 @@ fn read_ack(s: &mut TcpStream, next: usize, deadline: Instant) -> std::io::Resul
             "it is not the expected llmft rank",
         ));
     }
-    Ok(())
+    Ok(ack[12])
 }
 
 impl Ring {
@@ -860,6 +956,55 @@ mod tests {
 
     fn t(ctx: &Ctx, v: &[f32]) -> Tensor {
         Tensor::from_f32(ctx, v, DType::F32, &[v.len()]).unwrap()
+    }
+
+    #[test]
+    fn the_ring_hello_ignores_strangers_and_checks_the_token() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let token = JobToken::new("ring-secret").unwrap();
+        let me = Hello {
+            rank: 1,
+            prev: 0,
+            world: 3,
+            token: Some(token.clone()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let warnings = Arc::new(Warnings::new("test listener".into()));
+        let start = Instant::now();
+        // Strangers first: silent, slow, garbage, an oversized token, a
+        // wrong token, the right token from the wrong rank.
+        let mut strangers: Vec<TcpStream> =
+            (0..50).map(|_| TcpStream::connect(at).unwrap()).collect();
+        let mut slow = TcpStream::connect(at).unwrap();
+        slow.write_all(&HELLO[..5]).unwrap();
+        strangers.push(slow);
+        let mut junk = TcpStream::connect(at).unwrap();
+        junk.write_all(&[0xAB; 40]).unwrap();
+        strangers.push(junk);
+        let mut huge = TcpStream::connect(at).unwrap();
+        let mut h = HELLO.to_vec();
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&u16::MAX.to_le_bytes());
+        huge.write_all(&h).unwrap();
+        strangers.push(huge);
+        let wrong = JobToken::new("guess").unwrap();
+        let mut refused = connect_next(at, 0, 3, Some(&wrong), deadline).unwrap();
+        let mut other_rank = connect_next(at, 2, 3, Some(&token), deadline).unwrap();
+        let good = std::thread::spawn(move || {
+            let mut s = connect_next(at, 0, 3, Some(&token), deadline).unwrap();
+            read_ack(&mut s, 1, deadline).unwrap()
+        });
+        let prev = accept_prev(&listener, me, &warnings, deadline).unwrap();
+        assert_eq!(good.join().unwrap(), ACCEPTED);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(read_ack(&mut refused, 1, deadline).unwrap(), REFUSED);
+        assert!(read_ack(&mut other_rank, 1, deadline).is_err());
+        drop((prev, strangers));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!   torchrun-style or SLURM variables.
 //! - [`TcpStore`]: the rendezvous key/value store (rank 0 serves it on
 //!   `MASTER_ADDR:MASTER_PORT`, every rank connects), with `set`/`get`/`wait`,
-//!   counters and a barrier.
+//!   counters and a barrier. It listens only on the address `MASTER_ADDR`
+//!   names (or `LLMFT_STORE_BIND`), and bounds what a stranger can make it
+//!   do: see [the guard](#who-may-join).
 //! - [`ProcessGroup`]: the collectives the trainer and the sharded store use
 //!   (`all_reduce_sum`, `all_gather`, `reduce_scatter_sum`, `broadcast`,
 //!   `barrier`), and [`init_process_group`] that builds one.
@@ -47,6 +49,23 @@
 //! `backend: Backend::Nccl` and `ctx = Ctx::cuda(world.local_rank)?`, over
 //! NCCL.
 //!
+//! # Who may join
+//!
+//! With `LLMFT_JOB_TOKEN` set (the same value for every rank), every
+//! connection to the store and between ranks of the CPU group presents it
+//! first, and one without it is refused: closed, with one line on rank 0's
+//! (or the listening rank's) stderr naming the peer, at most one a second.
+//! `llmft launch` makes a random token for a single-node job when none is
+//! set; for `--nnodes` above 1, and under `srun` or `torchrun`, set it
+//! yourself on every node (e.g. `export LLMFT_JOB_TOKEN=$(openssl rand -hex
+//! 16)` before `srun`). Without it nothing is checked: anyone who can reach
+//! the ports can join or disturb the job. Token or not, a connection must
+//! send its hello within [`HANDSHAKE_TIMEOUT`], at most [`MAX_PENDING`] may
+//! be waiting to, and frames above [`MAX_TOKEN`], [`MAX_KEY`] and
+//! [`MAX_VALUE`] close the connection unread, so garbage, half-open and
+//! slow connections cannot stall the rendezvous or a running job. NCCL's own
+//! connections are NCCL's; its unique id travels through the guarded store.
+//!
 //! [`WorldInfo::from_vars`] parses the variables:
 //!
 //! ```
@@ -74,7 +93,10 @@ pub use nccl::NcclGroup;
 pub use sharded::{
     shard_bytes, Sharded, ShardedBuilder, ShardedConfig, ShardedCounters, ShardedStats,
 };
-pub use store::TcpStore;
+pub use store::{
+    JobToken, StoreOptions, TcpStore, HANDSHAKE_TIMEOUT, JOB_TOKEN_VAR, MAX_KEY, MAX_PENDING,
+    MAX_TOKEN, MAX_VALUE, STORE_BIND_VAR,
+};
 
 /// Results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -113,6 +135,17 @@ pub enum Error {
         what: String,
         /// How long it waited.
         timeout: Duration,
+    },
+    /// The store or a peer refused this rank's hello: its job token is
+    /// wrong or missing.
+    #[error("rank {rank}: {addr} refused this rank: {what}")]
+    Refused {
+        /// This process's rank.
+        rank: usize,
+        /// The address that refused.
+        addr: String,
+        /// Why, and what to set.
+        what: String,
     },
     /// A socket could not be opened for listening.
     #[error("rank {rank}: cannot listen on {addr} ({purpose}): {source}")]
