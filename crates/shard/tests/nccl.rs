@@ -10,17 +10,20 @@
 //! stalled rank that the other's watchdog reports. Workers print `PGW ...`
 //! lines the parent checks; a failing worker prints `PGW error <message>`
 //! and exits with code 3.
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{floats, free_port, tensor, Harness, Job, Rng, Vars, FAILED};
 use cudarc::driver::sys as dsys;
 use llmft_shard::{init_process_group, Backend, GroupConfig, NcclGroup, ProcessGroup, WorldInfo};
 use llmft_tensor::{bf16, cuda_device_count, f16, Ctx, DType, Element, StreamKind, Tensor};
 
-const MODE: &str = "LLMFT_NCCL_MODE";
+const HARNESS: Harness = Harness {
+    mode_var: "LLMFT_NCCL_MODE",
+    tag: "PGW",
+};
 const CPU_PORT: &str = "LLMFT_NCCL_CPU_PORT";
-const FAILED: i32 = 3;
 
 /// `Some(n)` CUDA devices with NCCL loadable, else `None` after saying why
 /// (or failing under LLMFT_REQUIRE_GPU).
@@ -40,6 +43,17 @@ fn gpus(test: &str) -> Option<usize> {
     None
 }
 
+/// Whether `test` has two GPUs (see `gpus`), after saying why not.
+fn two_gpus(test: &str) -> bool {
+    let Some(n) = gpus(test) else {
+        return false;
+    };
+    if n < 2 {
+        eprintln!("{test}: skipped: only {n} GPU");
+    }
+    n >= 2
+}
+
 fn nccl_cfg(timeout: Duration) -> GroupConfig {
     GroupConfig {
         backend: Backend::Nccl,
@@ -49,33 +63,8 @@ fn nccl_cfg(timeout: Duration) -> GroupConfig {
     }
 }
 
-/// splitmix64: a different, reproducible stream per (rank, n, tag).
-struct Rng(u64);
-impl Rng {
-    fn new(rank: usize, n: usize, tag: u64) -> Self {
-        Self((rank as u64) << 40 ^ (n as u64) << 8 ^ tag)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-fn floats(rank: usize, n: usize, tag: u64) -> Vec<f32> {
-    let mut r = Rng::new(rank, n, tag);
-    (0..n).map(|_| r.float()).collect()
-}
-
 fn host<T: Element>(v: &[f32]) -> Tensor {
-    let t: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    Tensor::from_slice(&Ctx::cpu(), &t, &[v.len()]).unwrap()
+    tensor::<T>(&Ctx::cpu(), v)
 }
 
 fn bytes_of(t: &Tensor) -> Vec<u8> {
@@ -249,7 +238,7 @@ fn watchdog_aborts_a_collective_that_outlives_the_timeout() {
     // other tests' GPU context.
     let (codes, out) = start("stall1", 1).finish(Duration::from_secs(60));
     assert_eq!(codes, [Some(0)], "{out:?}");
-    let l = &out[0].0;
+    let l = &out[0].lines;
     assert!(
         l[0] == "poisoned rank 0: NCCL all_reduce #2 (1000 x f32) did not complete within 0.3 s; \
                  the communicator was aborted",
@@ -265,27 +254,19 @@ fn watchdog_aborts_a_collective_that_outlives_the_timeout() {
 
 #[test]
 fn world_of_two_matches_the_cpu_backend() {
-    let Some(n) = gpus("world_of_two_matches_the_cpu_backend") else {
-        return;
-    };
-    if n < 2 {
-        eprintln!("world_of_two_matches_the_cpu_backend: skipped: only {n} GPU");
+    if !two_gpus("world_of_two_matches_the_cpu_backend") {
         return;
     }
     let (codes, out) = start("compare", 2).finish(Duration::from_secs(120));
     assert_eq!(codes, [Some(0), Some(0)], "{out:?}");
-    for (l, _) in &out {
-        assert_eq!(l.last().map(String::as_str), Some("ok"), "{out:?}");
+    for o in &out {
+        assert_eq!(o.lines.last().map(String::as_str), Some("ok"), "{out:?}");
     }
 }
 
 #[test]
 fn stalled_rank_is_reported_by_the_watchdog() {
-    let Some(n) = gpus("stalled_rank_is_reported_by_the_watchdog") else {
-        return;
-    };
-    if n < 2 {
-        eprintln!("stalled_rank_is_reported_by_the_watchdog: skipped: only {n} GPU");
+    if !two_gpus("stalled_rank_is_reported_by_the_watchdog") {
         return;
     }
     // Rank 1 sleeps until it is killed once rank 0 is done.
@@ -293,7 +274,7 @@ fn stalled_rank_is_reported_by_the_watchdog() {
     job.finish_first(Duration::from_secs(60));
     let (codes, out) = job.finish(Duration::from_secs(10));
     assert_eq!(codes[0], Some(FAILED), "{out:?}");
-    let e = out[0].0.last().unwrap();
+    let e = out[0].lines.last().unwrap();
     assert!(
         e.starts_with(
             "error process group is unusable after an earlier failure: rank 0: NCCL all_reduce #2"
@@ -307,22 +288,7 @@ fn stalled_rank_is_reported_by_the_watchdog() {
 /// The worker's entry; a no-op when this binary runs as the test suite.
 #[test]
 fn worker() {
-    let Ok(mode) = std::env::var(MODE) else {
-        return;
-    };
-    let code = match run_worker(&mode) {
-        Ok(()) => 0,
-        Err(e) => {
-            say(&format!("error {e}"));
-            FAILED
-        }
-    };
-    std::process::exit(code);
-}
-
-fn say(line: &str) {
-    println!("PGW {line}");
-    let _ = std::io::stdout().flush();
+    HARNESS.worker(run_worker);
 }
 
 fn run_worker(mode: &str) -> R {
@@ -343,7 +309,7 @@ fn run_worker(mode: &str) -> R {
             let cpu =
                 init_process_group(&cpu_world, &Ctx::cpu(), GroupConfig::default()).map_err(e)?;
             compare(&gpu, &*nccl, &*cpu)?;
-            say("ok");
+            HARNESS.say("ok");
             Ok(())
         }
         "stall1" => stall_one(&world, &gpu),
@@ -355,7 +321,7 @@ fn run_worker(mode: &str) -> R {
                 .unwrap();
             pg.all_reduce_sum(&gpu, &mut x).map_err(e)?;
             pg.synchronize().map_err(e)?;
-            say("ready");
+            HARNESS.say("ready");
             if world.rank == 1 {
                 std::thread::sleep(Duration::from_secs(120));
             }
@@ -404,120 +370,24 @@ fn stall_one(world: &WorldInfo, gpu: &Ctx) -> R {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    say(&format!("poisoned {reason}"));
+    HARNESS.say(&format!("poisoned {reason}"));
     // SAFETY: `flag` is live; the copy stream is not blocked.
     unsafe { dsys::cuMemsetD32Async(fp, 1, 1, cu.stream(StreamKind::Copy).cu_stream()) }
         .result()
         .map_err(|e| format!("cuMemsetD32Async: {e:?}"))?;
     let after = pg.all_reduce_sum(gpu, &mut x).unwrap_err();
-    say(&format!("after {after}"));
+    HARNESS.say(&format!("after {after}"));
     Ok(())
 }
 
 // ---------------------------------------------------------------- parent
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// What one rank printed: its `PGW` lines and its stderr.
-type Output = (Vec<String>, String);
-
-/// The ranks of one job.
-struct Job {
-    children: Vec<Child>,
-    out: Vec<std::thread::JoinHandle<Output>>,
-}
-
-/// Starts a world of `world` ranks in mode `mode`, rank `r` on GPU `r`.
+/// Starts a world of `world` ranks in mode `mode`, rank `r` on GPU `r`,
+/// with a second free port for the CPU group of `compare`.
 fn start(mode: &str, world: usize) -> Job {
-    let (port, cpu_port) = (free_port(), free_port());
-    let exe = std::env::current_exe().unwrap();
-    let mut children = Vec::new();
-    let mut out = Vec::new();
-    for rank in 0..world {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["worker", "--exact", "--nocapture", "--test-threads=1"]);
-        for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"] {
-            cmd.env_remove(k);
-        }
-        let r = rank.to_string();
-        cmd.env("RANK", &r)
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", &r)
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env(CPU_PORT, cpu_port.to_string())
-            .env(MODE, mode);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut stderr = child.stderr.take().unwrap();
-        out.push(std::thread::spawn(move || {
-            let err = std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = stderr.read_to_string(&mut s);
-                s
-            });
-            // The harness's `test worker ... ` has no newline of its own.
-            let lines = stdout
-                .lines()
-                .map_while(|l| l.ok())
-                .filter_map(|l| l.find("PGW ").map(|at| l[at + 4..].to_string()))
-                .collect();
-            (lines, err.join().unwrap_or_default())
-        }));
-        children.push(child);
-    }
-    Job { children, out }
-}
-
-impl Job {
-    /// Waits for rank 0 to exit (up to `within`), then kills the others.
-    fn finish_first(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.children[0].try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for c in &mut self.children[1..] {
-            let _ = c.kill();
-        }
-    }
-
-    /// Waits for every child (killing all after `within`); the exit codes,
-    /// and the `PGW` lines and the stderr of each rank.
-    fn finish(&mut self, within: Duration) -> (Vec<Option<i32>>, Vec<Output>) {
-        let deadline = Instant::now() + within;
-        let mut codes = vec![None; self.children.len()];
-        let mut done = vec![false; self.children.len()];
-        while done.iter().any(|d| !d) {
-            for (i, c) in self.children.iter_mut().enumerate() {
-                if !done[i] {
-                    if let Some(s) = c.try_wait().unwrap() {
-                        codes[i] = s.code();
-                        done[i] = true;
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                for c in &mut self.children {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                // What the ranks printed before they were killed.
-                let out: Vec<Output> = self.out.drain(..).map(|h| h.join().unwrap()).collect();
-                panic!("ranks still running after {within:?}: {done:?}; they printed {out:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let out = self.out.drain(..).map(|h| h.join().unwrap()).collect();
-        (codes, out)
-    }
+    let cpu_port = free_port().to_string();
+    let ranks: Vec<usize> = (0..world).collect();
+    HARNESS.spawn(mode, world, &ranks, Vars::Torchrun, |cmd| {
+        cmd.env(CPU_PORT, &cpu_port);
+    })
 }

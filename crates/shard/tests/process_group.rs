@@ -5,36 +5,27 @@
 //! torchrun- or SLURM-style variables, joins the group, runs the mode and
 //! prints `PGW ...` lines the parent checks. A failing worker prints
 //! `PGW error <message>` and exits with code 3.
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{floats, fnv, free_port, tensor, Harness, Job, Rng, Vars, FAILED, FNV};
 use llmft_shard::{init_process_group, GroupConfig, ProcessGroup, WorldInfo};
-use llmft_tensor::{bf16, f16, Ctx, DType, Element, Tensor};
+use llmft_tensor::{bf16, f16, Ctx, DType, Tensor};
 
-const MODE: &str = "LLMFT_PG_MODE";
+const HARNESS: Harness = Harness {
+    mode_var: "LLMFT_PG_MODE",
+    tag: "PGW",
+};
 const TIMEOUT_MS: &str = "LLMFT_PG_TIMEOUT_MS";
 const RENDEZVOUS_MS: &str = "LLMFT_PG_RENDEZVOUS_MS";
-const FAILED: i32 = 3;
 
 // ---------------------------------------------------------------- worker
 
 /// The worker's entry; a no-op when this binary runs as the test suite.
 #[test]
 fn worker() {
-    let Ok(mode) = std::env::var(MODE) else {
-        return;
-    };
-    let code = match run_worker(&mode) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("PGW error {e}");
-            FAILED
-        }
-    };
-    let _ = std::io::stdout().flush();
-    std::process::exit(code);
+    HARNESS.worker(run_worker);
 }
 
 fn ms_var(name: &str, default: u64) -> Duration {
@@ -43,11 +34,6 @@ fn ms_var(name: &str, default: u64) -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default);
     Duration::from_millis(ms)
-}
-
-fn say(line: &str) {
-    println!("PGW {line}");
-    let _ = std::io::stdout().flush();
 }
 
 fn run_worker(mode: &str) -> Result<(), String> {
@@ -68,42 +54,9 @@ fn run_worker(mode: &str) -> Result<(), String> {
     }
 }
 
-/// splitmix64: a different, reproducible stream per (rank, n, tag).
-struct Rng(u64);
-impl Rng {
-    fn new(rank: usize, n: usize, tag: u64) -> Self {
-        Self((rank as u64) << 40 ^ (n as u64) << 8 ^ tag)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    /// A whole number in [-m, m]: sums of these are exact in any order.
-    fn int(&mut self, m: u64) -> f32 {
-        (self.next() % (2 * m + 1)) as f32 - m as f32
-    }
-}
-
 fn ints(rank: usize, n: usize, m: u64, tag: u64) -> Vec<f32> {
     let mut r = Rng::new(rank, n, tag);
     (0..n).map(|_| r.int(m)).collect()
-}
-
-fn floats(rank: usize, n: usize, tag: u64) -> Vec<f32> {
-    let mut r = Rng::new(rank, n, tag);
-    (0..n).map(|_| r.float()).collect()
-}
-
-fn tensor<T: Element>(ctx: &Ctx, v: &[f32]) -> Tensor {
-    let t: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    Tensor::from_slice(ctx, &t, &[v.len()]).unwrap()
 }
 
 /// Element-wise sum over ranks of `gen(rank)`, in f64.
@@ -112,13 +65,6 @@ fn sum_over(w: usize, gen: impl Fn(usize) -> Vec<f32>) -> Vec<f64> {
     (0..all[0].len())
         .map(|i| all.iter().map(|v| v[i] as f64).sum())
         .collect()
-}
-
-/// FNV-1a, to compare result bits across ranks.
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h = (*h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-    }
 }
 
 fn check(what: &str, ok: bool) -> Result<(), String> {
@@ -132,7 +78,7 @@ fn check(what: &str, ok: bool) -> Result<(), String> {
 fn collectives(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
     let (r, w) = (pg.rank(), pg.world_size());
     let e = |e: llmft_shard::Error| e.to_string();
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut hash = FNV;
     for n in [0usize, 1, 2, 7, 1000, 65_537, 200_003] {
         // all_reduce, f32: exact sums, then random data whose bits every
         // rank must agree on.
@@ -239,7 +185,7 @@ fn collectives(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
         t.to_vec::<f32>().unwrap() == floats(w - 1, n, 10),
     )?;
     pg.barrier(ctx).map_err(e)?;
-    say(&format!("hash {hash:016x}"));
+    HARNESS.say(&format!("hash {hash:016x}"));
     Ok(())
 }
 
@@ -248,9 +194,9 @@ fn mismatch(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
     let r = pg.rank();
     let mut x = Tensor::zeros(ctx, DType::F32, &[10 + 2 * r]).unwrap();
     let e = pg.all_reduce_sum(ctx, &mut x).unwrap_err().to_string();
-    say(&format!("size {e}"));
+    HARNESS.say(&format!("size {e}"));
     let e = pg.barrier(ctx).unwrap_err().to_string();
-    say(&format!("after {e}"));
+    HARNESS.say(&format!("after {e}"));
     Ok(())
 }
 
@@ -259,7 +205,7 @@ fn mismatch(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
 fn stall(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
     let mut x = tensor::<f32>(ctx, &floats(pg.rank(), 1000, 11));
     pg.all_reduce_sum(ctx, &mut x).map_err(|e| e.to_string())?;
-    say("ready");
+    HARNESS.say("ready");
     if pg.rank() == 1 {
         std::thread::sleep(ms_var("LLMFT_PG_STALL_MS", 60_000));
     }
@@ -277,169 +223,26 @@ fn stall(ctx: &Ctx, pg: &dyn ProcessGroup) -> Result<(), String> {
 
 // ---------------------------------------------------------------- parent
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-#[derive(Clone, Copy)]
-enum Vars {
-    Torchrun,
-    Slurm,
-}
-
-/// The ranks of one job, their `PGW` lines arriving on a channel.
-struct Job {
-    children: Vec<Child>,
-    lines: mpsc::Receiver<(usize, String)>,
-    stderr: Vec<std::thread::JoinHandle<String>>,
-}
-
-/// Starts ranks `ranks` of a world of `world` in mode `mode`.
-fn start(
-    mode: &str,
-    world: usize,
-    ranks: &[usize],
-    vars: Vars,
-    env: &[(&str, String)],
-) -> (Job, u16) {
-    let port = free_port();
-    let exe = std::env::current_exe().unwrap();
-    let (tx, lines) = mpsc::channel();
-    let mut children = Vec::new();
-    let mut stderr = Vec::new();
-    for &rank in ranks {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["worker", "--exact", "--nocapture", "--test-threads=1"]);
-        for k in [
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "SLURM_PROCID",
-            "SLURM_NTASKS",
-            "SLURM_LOCALID",
-        ] {
-            cmd.env_remove(k);
-        }
-        let (r, w) = (rank.to_string(), world.to_string());
-        match vars {
-            Vars::Torchrun => cmd
-                .env("RANK", &r)
-                .env("WORLD_SIZE", &w)
-                .env("LOCAL_RANK", &r),
-            Vars::Slurm => cmd
-                .env("SLURM_PROCID", &r)
-                .env("SLURM_NTASKS", &w)
-                .env("SLURM_LOCALID", &r),
-        };
-        cmd.env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env(MODE, mode);
+/// Starts ranks `ranks` of a world of `world` in mode `mode`, with `env`
+/// added to each rank's environment.
+fn start(mode: &str, world: usize, ranks: &[usize], vars: Vars, env: &[(&str, String)]) -> Job {
+    HARNESS.spawn(mode, world, ranks, vars, |cmd| {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(|l| l.ok()) {
-                // The harness's `test worker ... ` has no newline of its own.
-                if let Some(at) = line.find("PGW ") {
-                    let _ = tx.send((rank, line[at + 4..].to_string()));
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        stderr.push(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        }));
-        children.push(child);
-    }
-    (
-        Job {
-            children,
-            lines,
-            stderr,
-        },
-        port,
-    )
-}
-
-impl Job {
-    /// Waits for `count` lines that start with `prefix`.
-    fn expect_lines(&self, prefix: &str, count: usize, within: Duration) -> Vec<(usize, String)> {
-        let deadline = Instant::now() + within;
-        let mut got = Vec::new();
-        while got.len() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((rank, l)) if l.starts_with(prefix) => got.push((rank, l)),
-                Ok(_) => {}
-                Err(_) => panic!("only {got:?} of {count} `{prefix}` lines within {within:?}"),
-            }
-        }
-        got
-    }
-
-    /// Waits for every child (killing all after `within`); the exit codes
-    /// and every `PGW` line by rank position.
-    fn finish(mut self, within: Duration) -> (Vec<Option<i32>>, Vec<Vec<String>>) {
-        let deadline = Instant::now() + within;
-        let mut codes = vec![None; self.children.len()];
-        let mut done = vec![false; self.children.len()];
-        while done.iter().any(|d| !d) {
-            for (i, c) in self.children.iter_mut().enumerate() {
-                if !done[i] {
-                    if let Some(s) = c.try_wait().unwrap() {
-                        codes[i] = s.code();
-                        done[i] = true;
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                for c in &mut self.children {
-                    let _ = c.kill();
-                }
-                panic!("ranks still running after {within:?}: {done:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let errs: Vec<String> = self.stderr.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut lines = vec![Vec::new(); codes.len()];
-        while let Ok((rank, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            if let Some(v) = lines.get_mut(rank) {
-                v.push(l);
-            }
-        }
-        for (i, code) in codes.iter().enumerate() {
-            // A rank killed by a signal has no code; the caller checks.
-            if code.is_some_and(|c| c != 0 && c != FAILED) {
-                panic!("rank {i} exited with {code:?}: {}", errs[i]);
-            }
-        }
-        (codes, lines)
-    }
+    })
 }
 
 /// Every collective checked on every rank, and the same bits everywhere.
 fn run_collectives(world: usize, vars: Vars) {
     let start_at = Instant::now();
     let ranks: Vec<usize> = (0..world).collect();
-    let (job, _) = start("collectives", world, &ranks, vars, &[]);
-    let (codes, lines) = job.finish(Duration::from_secs(60));
-    for (rank, (code, l)) in codes.iter().zip(&lines).enumerate() {
-        assert_eq!(*code, Some(0), "rank {rank}: {l:?}");
+    let job = start("collectives", world, &ranks, vars, &[]);
+    let (codes, out) = job.finish(Duration::from_secs(60));
+    for (rank, (code, o)) in codes.iter().zip(&out).enumerate() {
+        assert_eq!(*code, Some(0), "rank {rank}: {o:?}");
     }
-    let hashes: Vec<&String> = lines.iter().map(|l| &l[0]).collect();
+    let hashes: Vec<&String> = out.iter().map(|o| &o.lines[0]).collect();
     assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
     eprintln!("world {world}: {:?}", start_at.elapsed());
 }
@@ -468,18 +271,18 @@ fn kill_mid_collective(world: usize) {
     let ranks: Vec<usize> = (0..world).collect();
     // The collective timeout is long: only noticing the death ends it fast.
     let env = [(TIMEOUT_MS, "30000".to_string())];
-    let (mut job, _) = start("stall", world, &ranks, Vars::Torchrun, &env);
+    let mut job = start("stall", world, &ranks, Vars::Torchrun, &env);
     job.expect_lines("ready", world, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(200));
-    job.children[1].kill().unwrap();
+    job.kill(1);
     let killed = Instant::now();
-    let (codes, lines) = job.finish(Duration::from_secs(10));
+    let (codes, out) = job.finish(Duration::from_secs(10));
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(5), "{took:?}");
     for rank in (0..world).filter(|&r| r != 1) {
-        assert_eq!(codes[rank], Some(FAILED), "rank {rank}: {:?}", lines[rank]);
+        assert_eq!(codes[rank], Some(FAILED), "rank {rank}: {:?}", out[rank]);
         // The `ready` lines were taken by `expect_lines`.
-        let e = lines[rank].last().unwrap();
+        let e = out[rank].lines.last().unwrap();
         assert!(
             e.starts_with("error all_reduce: rank 1 closed the connection"),
             "rank {rank}: {e}"
@@ -504,26 +307,26 @@ fn stalled_rank_times_out_naming_it() {
         (TIMEOUT_MS, "500".to_string()),
         ("LLMFT_PG_STALL_MS", "1500".to_string()),
     ];
-    let (job, _) = start("stall", 3, &[0, 1, 2], Vars::Torchrun, &env);
-    let (codes, lines) = job.finish(Duration::from_secs(20));
-    assert_eq!(codes, [Some(FAILED); 3], "{lines:?}");
+    let job = start("stall", 3, &[0, 1, 2], Vars::Torchrun, &env);
+    let (codes, out) = job.finish(Duration::from_secs(20));
+    assert_eq!(codes, [Some(FAILED); 3], "{out:?}");
     // Rank 2 waits on rank 1 itself; rank 0 waits on rank 2 and hears why.
     assert_eq!(
-        lines[2][1],
+        out[2].lines[1],
         "error all_reduce: no data from rank 1 within 0.5 s"
     );
     assert_eq!(
-        lines[0][1],
+        out[0].lines[1],
         "error all_reduce: no data from rank 1 within 0.5 s (detected by rank 2)"
     );
 }
 
 #[test]
 fn mismatched_sizes_are_errors_on_every_rank() {
-    let (job, _) = start("mismatch", 2, &[0, 1], Vars::Torchrun, &[]);
-    let (codes, lines) = job.finish(Duration::from_secs(20));
+    let job = start("mismatch", 2, &[0, 1], Vars::Torchrun, &[]);
+    let (codes, out) = job.finish(Duration::from_secs(20));
     assert_eq!(codes, [Some(0), Some(0)]);
-    for l in &lines {
+    for l in out.iter().map(|o| &o.lines) {
         assert!(
             l[0].starts_with("size all_reduce: rank ") && l[0].contains("same size"),
             "{l:?}"
@@ -536,13 +339,14 @@ fn mismatched_sizes_are_errors_on_every_rank() {
 fn missing_rank_fails_the_rendezvous_naming_the_address() {
     let env = [(RENDEZVOUS_MS, "1000".to_string())];
     let start_at = Instant::now();
-    let (job, port) = start("collectives", 3, &[0, 1], Vars::Torchrun, &env);
-    let (codes, lines) = job.finish(Duration::from_secs(20));
+    let job = start("collectives", 3, &[0, 1], Vars::Torchrun, &env);
+    let port = job.port();
+    let (codes, out) = job.finish(Duration::from_secs(20));
     assert!(start_at.elapsed() < Duration::from_secs(10));
     assert_eq!(codes, [Some(FAILED), Some(FAILED)]);
-    for (rank, l) in lines.iter().enumerate() {
+    for (rank, o) in out.iter().enumerate() {
         assert_eq!(
-            l[0],
+            o.lines[0],
             format!(
                 "error rank {rank}: no rendezvous at 127.0.0.1:{port} within 1 s: rank 2 did \
                  not arrive (it never set `pg/addr/2`)"

@@ -6,11 +6,13 @@
 //! worker prints `PGW ...` lines the parent reads. The job and the parent
 //! meet through the store (keys `go` and `flooded`), so the flood is sure
 //! to fall inside the job.
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use common::{fnv, mix, Harness, Job, Output, Vars, FNV};
 
 use llmft_shard::{
     init_process_group, GroupConfig, JobToken, ProcessGroup, StoreOptions, TcpStore, WorldInfo,
@@ -18,7 +20,10 @@ use llmft_shard::{
 };
 use llmft_tensor::{Ctx, Tensor};
 
-const MODE: &str = "LLMFT_GUARD_MODE";
+const HARNESS: Harness = Harness {
+    mode_var: "LLMFT_GUARD_MODE",
+    tag: "PGW",
+};
 const HELLO: &[u8; 8] = b"LLMFTKV2";
 const STEPS: usize = 200;
 const N: usize = 1000;
@@ -30,23 +35,7 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The worker's entry; a no-op when this binary runs as the test suite.
 #[test]
 fn worker() {
-    let Ok(mode) = std::env::var(MODE) else {
-        return;
-    };
-    let code = match run_worker(&mode) {
-        Ok(()) => 0,
-        Err(e) => {
-            println!("PGW error {e}");
-            3
-        }
-    };
-    let _ = std::io::stdout().flush();
-    std::process::exit(code);
-}
-
-fn say(line: &str) {
-    println!("PGW {line}");
-    let _ = std::io::stdout().flush();
+    HARNESS.worker(run_worker);
 }
 
 fn run_worker(mode: &str) -> Result<(), String> {
@@ -69,7 +58,7 @@ fn run_worker(mode: &str) -> Result<(), String> {
         WAIT,
     )
     .map_err(e)?;
-    say("ready");
+    HARNESS.say("ready");
     store.get("go").map_err(e)?;
     match mode {
         "steps" => steps(&ctx, &*pg, &mut store),
@@ -97,16 +86,8 @@ fn steps(ctx: &Ctx, pg: &dyn ProcessGroup, store: &mut TcpStore) -> Result<(), S
             store.barrier().map_err(e)?;
         }
     }
-    say(&format!("result {hash:016x}"));
+    HARNESS.say(&format!("result {hash:016x}"));
     Ok(())
-}
-
-/// splitmix64.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Rank `r`'s tensor at step `s`: whole numbers, so sums are exact.
@@ -114,14 +95,6 @@ fn ints(r: usize, s: usize) -> Vec<f32> {
     (0..N)
         .map(|i| (mix(((r * STEPS + s) * N + i) as u64) % 2001) as f32 - 1000.0)
         .collect()
-}
-
-const FNV: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h = (*h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-    }
 }
 
 /// The hash an undisturbed world-2 run prints, computed here.
@@ -137,133 +110,46 @@ fn expected_hash() -> String {
 
 // ---------------------------------------------------------------- parent
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A world-2 job: its children, `PGW` lines and stderr.
-struct Job {
-    port: u16,
-    children: Vec<Child>,
-    lines: mpsc::Receiver<(usize, String)>,
-    stderr: Vec<std::thread::JoinHandle<String>>,
-}
-
+/// A world-2 job in mode `mode`, its ranks given `token` (and no other).
 fn start(mode: &str, token: Option<&str>) -> Job {
-    let port = free_port();
-    let exe = std::env::current_exe().unwrap();
-    let (tx, lines) = mpsc::channel();
-    let mut children = Vec::new();
-    let mut stderr = Vec::new();
-    for rank in 0..2usize {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["worker", "--exact", "--nocapture", "--test-threads=1"]);
-        for k in [
-            "SLURM_PROCID",
-            "SLURM_NTASKS",
-            "SLURM_LOCALID",
-            JOB_TOKEN_VAR,
-        ] {
-            cmd.env_remove(k);
-        }
+    HARNESS.spawn(mode, 2, &[0, 1], Vars::Torchrun, |cmd| {
+        cmd.env_remove(JOB_TOKEN_VAR);
         if let Some(t) = token {
             cmd.env(JOB_TOKEN_VAR, t);
         }
-        cmd.env("RANK", rank.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("LOCAL_RANK", rank.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env(MODE, mode)
-            .env_remove("LLMFT_STORE_BIND");
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(|l| l.ok()) {
-                if let Some(at) = line.find("PGW ") {
-                    let _ = tx.send((rank, line[at + 4..].to_string()));
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        stderr.push(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        }));
-        children.push(child);
-    }
-    Job {
-        port,
-        children,
-        lines,
-        stderr,
-    }
+        cmd.env_remove("LLMFT_STORE_BIND");
+    })
 }
 
-impl Job {
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        let mut ready = 0;
-        while ready < 2 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((_, l)) if l == "ready" => ready += 1,
-                Ok((rank, l)) => panic!("rank {rank}: {l}"),
-                Err(_) => panic!("the ranks were not ready within {WAIT:?}"),
-            }
-        }
-    }
+/// Waits until both ranks are in the job and at the store.
+fn wait_ready(job: &mut Job) {
+    job.expect_lines("ready", 2, WAIT);
+}
 
-    /// A client of this job's store with `token`.
-    fn client(&self, token: Option<&str>) -> llmft_shard::Result<TcpStore> {
-        let world = WorldInfo {
-            rank: 7,
-            world_size: 2,
-            local_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: self.port,
-        };
-        let opts = StoreOptions {
-            token: token.map(|t| JobToken::new(t).unwrap()),
-            bind: None,
-        };
-        TcpStore::connect_with(&world, Duration::from_secs(5), &opts)
-    }
+/// A client of `job`'s store with `token`.
+fn client(job: &Job, token: Option<&str>) -> llmft_shard::Result<TcpStore> {
+    let world = WorldInfo {
+        rank: 7,
+        world_size: 2,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: job.port(),
+    };
+    let opts = StoreOptions {
+        token: token.map(|t| JobToken::new(t).unwrap()),
+        bind: None,
+    };
+    TcpStore::connect_with(&world, Duration::from_secs(5), &opts)
+}
 
-    /// Waits for both ranks (killing them after `within`): the `PGW` lines
-    /// and stderr of each.
-    fn finish(mut self, within: Duration) -> Vec<(Vec<String>, String)> {
-        let deadline = Instant::now() + within;
-        for (i, c) in self.children.iter_mut().enumerate() {
-            loop {
-                if let Some(s) = c.try_wait().unwrap() {
-                    assert_eq!(s.code(), Some(0), "rank {i} failed");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    panic!("rank {i} still running after {within:?}");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let errs: Vec<String> = self.stderr.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut lines = vec![Vec::new(); 2];
-        while let Ok((rank, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            lines[rank].push(l);
-        }
-        lines.into_iter().zip(errs).collect()
+/// Waits for both ranks (killing them after `within`), which must succeed:
+/// the messages and stderr of each.
+fn finish(job: Job, within: Duration) -> Vec<Output> {
+    let (codes, out) = job.finish(within);
+    for (i, code) in codes.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {i} failed: {out:?}");
     }
+    out
 }
 
 /// One garbage connection of kind `k` to `at`; errors are the point.
@@ -306,9 +192,9 @@ fn garbage(at: SocketAddr, k: u64, rnd: u64) {
 #[test]
 fn a_flood_of_garbage_and_half_open_connections_leaves_the_job_exact() {
     let t0 = Instant::now();
-    let job = start("steps", Some(TOKEN));
-    job.wait_ready();
-    let at: SocketAddr = ([127, 0, 0, 1], job.port).into();
+    let mut job = start("steps", Some(TOKEN));
+    wait_ready(&mut job);
+    let at: SocketAddr = ([127, 0, 0, 1], job.port()).into();
     // 100 half-open connections for the whole job: 90 silent, 10 with part
     // of a hello.
     let mut held: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(at).unwrap()).collect();
@@ -325,21 +211,21 @@ fn a_flood_of_garbage_and_half_open_connections_leaves_the_job_exact() {
             })
         })
         .collect();
-    let mut me = job.client(Some(TOKEN)).unwrap();
+    let mut me = client(&job, Some(TOKEN)).unwrap();
     me.set("go", "").unwrap();
     for f in flooders {
         f.join().unwrap();
     }
     let flood = t0.elapsed();
     me.set("flooded", "").unwrap();
-    let out = job.finish(WAIT);
+    let out = finish(job, WAIT);
     drop(held);
     let want = expected_hash();
-    for (rank, (lines, _)) in out.iter().enumerate() {
-        assert_eq!(lines, std::slice::from_ref(&want), "rank {rank}");
+    for (rank, o) in out.iter().enumerate() {
+        assert_eq!(o.lines, std::slice::from_ref(&want), "rank {rank}");
     }
     // Rank 0 said so, briefly: one line a second at most, plus the count.
-    let err = &out[0].1;
+    let err = &out[0].stderr;
     let refusals = err.lines().filter(|l| l.contains("refused")).count();
     let secs = t0.elapsed().as_secs() as usize;
     assert!(
@@ -355,15 +241,15 @@ fn a_flood_of_garbage_and_half_open_connections_leaves_the_job_exact() {
 
 #[test]
 fn an_undisturbed_job_without_a_token_gets_the_same_results() {
-    let job = start("steps", None);
-    job.wait_ready();
-    let mut me = job.client(None).unwrap();
+    let mut job = start("steps", None);
+    wait_ready(&mut job);
+    let mut me = client(&job, None).unwrap();
     me.set("go", "").unwrap();
     me.set("flooded", "").unwrap();
-    let out = job.finish(WAIT);
-    for (rank, (lines, err)) in out.iter().enumerate() {
-        assert_eq!(lines, &[expected_hash()], "rank {rank}");
-        assert!(!err.contains("refused"), "rank {rank}: {err}");
+    let out = finish(job, WAIT);
+    for (rank, o) in out.iter().enumerate() {
+        assert_eq!(o.lines, &[expected_hash()], "rank {rank}");
+        assert!(!o.stderr.contains("refused"), "rank {rank}: {}", o.stderr);
     }
 }
 
@@ -384,24 +270,24 @@ fn raw_hello(port: u16, token: &[u8]) -> (Option<u8>, SocketAddr, bool) {
 
 #[test]
 fn clients_with_a_wrong_or_no_token_are_refused_and_named() {
-    let job = start("idle", Some(TOKEN));
-    job.wait_ready();
-    let (status, wrong_at, closed) = raw_hello(job.port, b"0123456789abcdef0123456789abcdeX");
+    let mut job = start("idle", Some(TOKEN));
+    wait_ready(&mut job);
+    let (status, wrong_at, closed) = raw_hello(job.port(), b"0123456789abcdef0123456789abcdeX");
     assert_eq!((status, closed), (Some(1), true));
-    let e = job.client(Some("guess")).unwrap_err().to_string();
+    let e = client(&job, Some("guess")).unwrap_err().to_string();
     assert!(e.contains("refused this rank's job token"), "{e}");
     // The next refusal line may come a second after the last.
     std::thread::sleep(Duration::from_millis(1100));
-    let (status, none_at, closed) = raw_hello(job.port, b"");
+    let (status, none_at, closed) = raw_hello(job.port(), b"");
     assert_eq!((status, closed), (Some(1), true));
-    let e = job.client(None).unwrap_err().to_string();
+    let e = client(&job, None).unwrap_err().to_string();
     assert!(
         e.contains("requires a job token and this rank has none"),
         "{e}"
     );
-    job.client(Some(TOKEN)).unwrap().set("go", "").unwrap();
-    let out = job.finish(WAIT);
-    let err = &out[0].1;
+    client(&job, Some(TOKEN)).unwrap().set("go", "").unwrap();
+    let out = finish(job, WAIT);
+    let err = &out[0].stderr;
     assert!(
         err.contains(&format!(
             "refused a connection from {wrong_at}: presented a wrong job token"
@@ -416,5 +302,5 @@ fn clients_with_a_wrong_or_no_token_are_refused_and_named() {
     );
     // The refusal lines name peers, never the token.
     assert!(!err.contains(TOKEN), "{err}");
-    assert!(!out[1].1.contains("refused"), "{}", out[1].1);
+    assert!(!out[1].stderr.contains("refused"), "{}", out[1].stderr);
 }

@@ -5,10 +5,12 @@
 //! binary re-runs itself once per rank with `LLMFT_SHARD_MODE` set and only
 //! the `worker` test selected; a worker prints `SHW ...` lines the parent
 //! checks).
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::{Harness, Output, Vars};
 
 use llmft_shard::{
     shard_bytes, Backend, CpuGroup, GroupConfig, Pending, ProcessGroup, ShardedBuilder,
@@ -543,28 +545,15 @@ fn sharded_store_is_send_and_sync() {
 
 // ------------------------------------------------------- real processes
 
-const MODE: &str = "LLMFT_SHARD_MODE";
+const HARNESS: Harness = Harness {
+    mode_var: "LLMFT_SHARD_MODE",
+    tag: "SHW",
+};
 
 /// The worker's entry; a no-op when this binary runs as the test suite.
 #[test]
 fn worker() {
-    let Ok(mode) = std::env::var(MODE) else {
-        return;
-    };
-    let code = match run_worker(&mode) {
-        Ok(()) => 0,
-        Err(e) => {
-            say(&format!("error {e}"));
-            3
-        }
-    };
-    let _ = std::io::stdout().flush();
-    std::process::exit(code);
-}
-
-fn say(line: &str) {
-    println!("SHW {line}");
-    let _ = std::io::stdout().flush();
+    HARNESS.worker(run_worker);
 }
 
 fn run_worker(mode: &str) -> Result<(), String> {
@@ -635,7 +624,7 @@ fn store_worker(pg: Arc<dyn ProcessGroup>) -> Result<(), String> {
                 }
             }
         }
-        say(&format!("ok {reshard} {offload} {}", b.device + b.host));
+        HARNESS.say(&format!("ok {reshard} {offload} {}", b.device + b.host));
     }
     Ok(())
 }
@@ -651,78 +640,37 @@ fn mismatch_worker(pg: Arc<dyn ProcessGroup>) -> Result<(), String> {
     match Box::new(b).finish() {
         Ok(_) => Err("finish accepted other layouts".into()),
         Err(e) => {
-            say(&format!("refused {e}"));
+            HARNESS.say(&format!("refused {e}"));
             Ok(())
         }
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// Every collective has a 10 s timeout, so a stuck rank ends by itself;
+/// this is the backstop.
+const JOB_WAIT: Duration = Duration::from_secs(120);
 
-/// Runs `world` ranks in mode `mode`; each rank's exit code and `SHW` lines.
-fn run_job(mode: &str, world: usize) -> Vec<(Option<i32>, Vec<String>)> {
-    let port = free_port().to_string();
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["worker", "--exact", "--nocapture", "--test-threads=1"]);
-            for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"] {
-                cmd.env_remove(k);
-            }
-            cmd.env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env(MODE, mode)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    // Every collective has a 10 s timeout, so a stuck rank ends by itself.
-    let waiters: Vec<_> = children
-        .into_iter()
-        .map(|c| std::thread::spawn(move || c.wait_with_output().unwrap()))
-        .collect();
-    waiters
-        .into_iter()
-        .enumerate()
-        .map(|(rank, h)| {
-            let out = h.join().unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let lines: Vec<String> = stdout
-                .lines()
-                .filter_map(|l| l.find("SHW ").map(|at| l[at + 4..].to_string()))
-                .collect();
-            if out.status.code() != Some(0) {
-                eprintln!(
-                    "rank {rank}: {lines:?}\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            (out.status.code(), lines)
-        })
-        .collect()
+/// Runs `world` ranks in mode `mode`; each rank's exit code and output.
+fn run_job(mode: &str, world: usize) -> Vec<(Option<i32>, Output)> {
+    let ranks: Vec<usize> = (0..world).collect();
+    let (codes, out) = HARNESS
+        .spawn(mode, world, &ranks, Vars::Torchrun, |_| {})
+        .finish(JOB_WAIT);
+    codes.into_iter().zip(out).collect()
 }
 
 fn real_world(world: usize) {
     let t = Instant::now();
     let ranks = run_job("store", world);
-    for (rank, (code, lines)) in ranks.iter().enumerate() {
-        assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
-        assert_eq!(lines.len(), 4, "rank {rank}: {lines:?}");
+    for (rank, (code, out)) in ranks.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {rank}: {out:?}");
+        assert_eq!(out.lines.len(), 4, "rank {rank}: {:?}", out.lines);
     }
     // Every rank holds the same share of the model.
-    assert!(ranks.iter().all(|(_, l)| *l == ranks[0].1), "{ranks:?}");
+    assert!(
+        ranks.iter().all(|(_, o)| o.lines == ranks[0].1.lines),
+        "{ranks:?}"
+    );
     eprintln!("world {world}: {:?}", t.elapsed());
 }
 
@@ -738,8 +686,9 @@ fn real_world_3() {
 
 #[test]
 fn ranks_with_other_layouts_are_refused() {
-    for (rank, (code, lines)) in run_job("mismatch", 3).iter().enumerate() {
-        assert_eq!(*code, Some(0), "rank {rank}: {lines:?}");
+    for (rank, (code, out)) in run_job("mismatch", 3).iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {rank}: {out:?}");
+        let lines = &out.lines;
         assert!(
             lines.len() == 1 && lines[0].contains("rank(s) 1 built"),
             "rank {rank}: {lines:?}"
