@@ -744,8 +744,24 @@ fn deepen_backlog(listener: &TcpListener) {
     }
 }
 
+/// How long rank 0's store, when it closes, waits for the other ranks'
+/// connections to end first: a rank may still be reading the reply to its
+/// last request (the end of a barrier) when rank 0 is done.
+const LINGER: Duration = Duration::from_secs(5);
+
 impl Drop for Server {
     fn drop(&mut self) {
+        // Connections past their hello (ranks, the owner's own client) end
+        // when their processes are done with the store; strangers still in
+        // their hello do not hold the server open.
+        let deadline = Instant::now() + LINGER;
+        while Instant::now() < deadline {
+            let open = lock(&self.shared.conns).len();
+            if open <= self.shared.pending.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
         // Unblock the accept call; it sees `stop` and returns.
