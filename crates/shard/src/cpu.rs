@@ -803,45 +803,13 @@ fn host(op: Op, what: &'static str, t: &Tensor) -> Result<()> {
 }
 
 fn float(op: Op, what: &'static str, t: &Tensor) -> Result<()> {
-    if t.dtype().is_float() {
-        Ok(())
-    } else {
-        Err(Error::Invalid {
-            op: op.name(),
-            msg: format!("{what} is {}; sums take f32, bf16 or f16", t.dtype()),
-        })
-    }
+    crate::group::check_float(op.name(), what, t)
 }
 
 /// Checks that `output` has the dtype of `input` and `world` times its
 /// elements.
 fn scaled(op: Op, input: &Tensor, output: &Tensor, world: usize) -> Result<()> {
-    let (big, small, big_name, small_name) = match op {
-        Op::ReduceScatter => (input, output, "input", "output"),
-        _ => (output, input, "output", "input"),
-    };
-    if output.dtype() != input.dtype() {
-        return Err(Error::Invalid {
-            op: op.name(),
-            msg: format!(
-                "output is {} but input is {}",
-                output.dtype(),
-                input.dtype()
-            ),
-        });
-    }
-    if small.numel().checked_mul(world) != Some(big.numel()) {
-        return Err(Error::Invalid {
-            op: op.name(),
-            msg: format!(
-                "{big_name} has {} elements, expected world {world} x {small_name} {} = {}",
-                big.numel(),
-                small.numel(),
-                small.numel().saturating_mul(world)
-            ),
-        });
-    }
-    Ok(())
+    crate::group::check_scaled(op.name(), input, output, world)
 }
 
 /// Writes f32 values into a float tensor, rounding to its dtype.

@@ -150,6 +150,54 @@ impl Pending {
     }
 }
 
+/// Checks that a sum's tensor is f32, bf16 or f16 (every backend's rule).
+pub(crate) fn check_float(op: &'static str, what: &'static str, t: &Tensor) -> Result<()> {
+    if t.dtype().is_float() {
+        return Ok(());
+    }
+    Err(Error::Invalid {
+        op,
+        msg: format!("{what} is {}; sums take f32, bf16 or f16", t.dtype()),
+    })
+}
+
+/// Checks that `output` has the dtype of `input` and `world` times its
+/// elements (for `reduce_scatter`, the other way round): every backend's
+/// rule for all-gather and reduce-scatter.
+pub(crate) fn check_scaled(
+    op: &'static str,
+    input: &Tensor,
+    output: &Tensor,
+    world: usize,
+) -> Result<()> {
+    let (big, small, big_name, small_name) = match op {
+        "reduce_scatter" => (input, output, "input", "output"),
+        _ => (output, input, "output", "input"),
+    };
+    if output.dtype() != input.dtype() {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "output is {} but input is {}",
+                output.dtype(),
+                input.dtype()
+            ),
+        });
+    }
+    if small.numel().checked_mul(world) != Some(big.numel()) {
+        return Err(Error::Invalid {
+            op,
+            msg: format!(
+                "{big_name} has {} elements, expected world {world} x {small_name} {} = {}",
+                big.numel(),
+                small.numel(),
+                small.numel().saturating_mul(world)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Joins the process group of `world` with `cfg.backend`: rendezvous at
 /// `world.master_addr:world.master_port` (a world of one needs none), then
 /// the backend's connections. Every rank of the world must call it. The

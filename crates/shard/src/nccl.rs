@@ -597,15 +597,12 @@ impl Issue<'_> {
 
 /// The NCCL type of a sum over `t`.
 fn sum_type(op: &'static str, what: &'static str, t: &Tensor) -> Result<sys::ncclDataType_t> {
-    match t.dtype() {
-        DType::F32 => Ok(sys::ncclDataType_t::ncclFloat32),
-        DType::BF16 => Ok(sys::ncclDataType_t::ncclBfloat16),
-        DType::F16 => Ok(sys::ncclDataType_t::ncclFloat16),
-        d => Err(Error::Invalid {
-            op,
-            msg: format!("{what} is {d}; sums take f32, bf16 or f16"),
-        }),
-    }
+    crate::group::check_float(op, what, t)?;
+    Ok(match t.dtype() {
+        DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+        DType::F16 => sys::ncclDataType_t::ncclFloat16,
+        _ => sys::ncclDataType_t::ncclFloat32,
+    })
 }
 
 /// Checks that `output` has the dtype of `input` and `world` times its
@@ -618,31 +615,11 @@ fn scaled(
     world: usize,
     rank: usize,
 ) -> Result<()> {
+    crate::group::check_scaled(op, input, output, world)?;
     let (big, small, big_name, small_name) = match op {
         "reduce_scatter" => (input, output, "input", "output"),
         _ => (output, input, "output", "input"),
     };
-    if output.dtype() != input.dtype() {
-        return Err(Error::Invalid {
-            op,
-            msg: format!(
-                "output is {} but input is {}",
-                output.dtype(),
-                input.dtype()
-            ),
-        });
-    }
-    if small.numel().checked_mul(world) != Some(big.numel()) {
-        return Err(Error::Invalid {
-            op,
-            msg: format!(
-                "{big_name} has {} elements, expected world {world} x {small_name} {} = {}",
-                big.numel(),
-                small.numel(),
-                small.numel().saturating_mul(world)
-            ),
-        });
-    }
     let (s, b) = (small.device_ptr()?, big.device_ptr()?);
     let (sn, bn) = (small.bytes() as u64, big.bytes() as u64);
     let overlap = sn > 0 && s < b + bn && b < s + sn;
