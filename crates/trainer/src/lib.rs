@@ -43,6 +43,7 @@ mod checkpoint;
 mod config;
 mod dist;
 mod error;
+pub mod estimate;
 mod metrics;
 mod optimizer;
 mod plot;

@@ -10,7 +10,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-pub use alloc::{AllocStats, CachingAllocator, DeviceBlock};
+pub use alloc::{size_class, AllocStats, CachingAllocator, DeviceBlock};
 pub(crate) use blas::{Blas, LtProblem};
 
 use crate::{Device, Error, Result};
