@@ -15,95 +15,27 @@ use serde_json::json;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The recipes `--train-type` accepts, as `train.train_type` spells them.
-const TRAIN_TYPES: &str = "qlora, lora, hqq_lora, hqq_dora, bnb_dora, int8_lora, full, freeze";
-
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Model shape: a preset (llama3-8b, llama3-70b, llama2-7b, llama2-70b,
-    /// qwen2.5-7b, qwen3-8b) or `tiny` (a 2-layer Llama small enough for CPU runs).
-    #[arg(long, default_value = "llama3-8b")]
-    model: String,
-    /// Override the number of decoder layers.
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Recipe: qlora, lora, hqq_lora, hqq_dora, bnb_dora, int8_lora, full, freeze.
-    #[arg(long, default_value = "qlora")]
-    train_type: String,
-    /// Tokens per row.
-    #[arg(long, default_value_t = 2048)]
-    seq: usize,
-    /// Rows per micro-batch.
-    #[arg(long, default_value_t = 1)]
-    micro_batch: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Gradient checkpointing (true|false).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    checkpointing: bool,
-    /// Under checkpointing, keep each layer's attention output (true|false).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    keep_attention: bool,
-    /// Under checkpointing, share a layer's dequantized weights between its
-    /// recompute and backward (model.checkpoint_cache_dequantized).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    cache_dequantized: bool,
-    /// Under checkpointing, the last N layers are not checkpointed.
-    #[arg(long, default_value_t = 0)]
-    skip_layers: usize,
+    /// The job.
+    #[command(flatten)]
+    pub job: crate::shape::JobFlags,
     /// Bit-reproducible attention backward (train.deterministic).
     #[arg(long)]
     deterministic: bool,
-    /// Frozen weights in pinned host memory, streamed in ahead of use (offload.params).
-    #[arg(long)]
-    offload_params: bool,
-    /// Checkpointed layer records in pinned host memory (offload.activations).
-    #[arg(long)]
-    offload_activations: bool,
-    /// AdamW state in host memory, the update on the host (offload.optimizer).
-    #[arg(long)]
-    offload_optimizer: bool,
-    /// Units prefetched ahead under --offload-params (offload.lookahead).
-    #[arg(long, default_value_t = 1)]
-    lookahead: usize,
-    /// Under --offload-params, the embedding stays on the GPU (offload.keep_embedding).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    keep_embedding: bool,
     /// Optimizer steps run, warm-up included.
     #[arg(long, default_value_t = 12)]
     steps: usize,
     /// Steps left out of the medians (kernel compilation, GEMM heuristics, cache growth).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    lora_r: usize,
-    /// LoRA alpha.
-    #[arg(long, default_value_t = 32.0)]
-    lora_alpha: f64,
     /// `auto`, `cpu` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Compute dtype: bf16, f16, f32.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
     /// Edge of the square GEMM timed as the ceiling (default 8192 on a GPU,
     /// 256 on the CPU; 0 skips it).
     #[arg(long)]
     gemm_size: Option<usize>,
-    /// Runs rank 0 of a job of this many ranks with its weights sharded
-    /// (dist.strategy): the other ranks' shards are kept in host memory and
-    /// copied in where an all-gather would bring them, so GPU memory and
-    /// compute are those of one rank; communication is not (results say
-    /// `"simulated": true`).
-    #[arg(long, default_value_t = 1)]
-    simulate_world: usize,
-    /// How the weights are split (dist.strategy): full_shard,
-    /// shard_grad_op, no_shard, hybrid_shard; with --simulate-world only
-    /// the first two.
-    #[arg(long, default_value = "full_shard")]
-    strategy: String,
     /// Collectives of a multi-process run (dist.backend: auto, nccl, cpu).
     /// Started by `llmft launch` (or torchrun / srun) every rank runs the
     /// benchmark on its own micro-batches and rank 0 reports the job; a
@@ -155,24 +87,8 @@ fn simulated_builder(
 
 /// Runs the benchmark and prints its JSON object.
 pub fn run(a: &BenchArgs) -> Result<(), String> {
-    let train_type = train_type_of(&a.train_type)?;
-    let mut config = model_shape(&a.model)?;
-    if let Some(l) = a.layers {
-        if l == 0 {
-            return Err("--layers must be at least 1".into());
-        }
-        config.num_layers = l;
-    }
-    for (flag, v) in [
-        ("--seq", a.seq),
-        ("--micro-batch", a.micro_batch),
-        ("--grad-accum", a.grad_accum),
-        ("--lora-r", a.lora_r),
-    ] {
-        if v == 0 {
-            return Err(format!("{flag} must be at least 1"));
-        }
-    }
+    let train_type = a.job.train_type()?;
+    let config = a.job.config()?;
     if a.steps <= a.warmup {
         return Err(format!(
             "--steps ({}) must exceed --warmup ({}): the medians need at least one timed step",
@@ -187,17 +103,17 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         },
         dist: crate::config::DistSettings {
             backend: a.backend.clone(),
-            strategy: serde_json::from_value(json!(a.strategy)).map_err(|_| {
+            strategy: serde_json::from_value(json!(a.job.strategy)).map_err(|_| {
                 format!(
                     "--strategy `{}`: use full_shard, shard_grad_op, no_shard or hybrid_shard",
-                    a.strategy
+                    a.job.strategy
                 )
             })?,
             ..Default::default()
         },
         ..Default::default()
     };
-    if a.simulate_world > 1 && world.world_size > 1 {
+    if a.job.simulate_world > 1 && world.world_size > 1 {
         return Err(
             "--simulate-world runs one process; it cannot be launched as several ranks".into(),
         );
@@ -205,12 +121,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let ctx = crate::dist::device_for(&dist_settings, &world)?;
     let job = crate::dist::join(&dist_settings, &world, &ctx)?;
     let lead = world.rank == 0;
-    let dtype = match a.dtype.as_str() {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        other => return Err(format!("--dtype `{other}` is not one of bf16, f16, f32")),
-    };
+    let dtype = a.job.dtype()?;
     let cu = ctx.cuda_ctx();
     let device_name = cu.map(|c| c.name()).unwrap_or_else(|| "cpu".into());
 
@@ -224,49 +135,43 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     // The weights: quantized while they are drawn, one tensor at a time.
     let quant = crate::quant_of(train_type.quant_name())?;
     let t_load = Instant::now();
-    let offload = crate::config::OffloadSettings {
-        params: a.offload_params,
-        activations: a.offload_activations,
-        optimizer: a.offload_optimizer,
-        lookahead: a.lookahead,
-        keep_embedding: a.keep_embedding,
-    };
+    let offload = a.job.offload();
     let plan_settings = crate::config::Settings {
         offload: offload.clone(),
         model: crate::config::ModelSettings {
-            checkpointing: a.checkpointing,
-            checkpoint_keep_attention: a.keep_attention,
-            checkpoint_skip_layers: a.skip_layers,
+            checkpointing: a.job.checkpointing,
+            checkpoint_keep_attention: a.job.keep_attention,
+            checkpoint_skip_layers: a.job.skip_layers,
             ..Default::default()
         },
         train: TrainConfig {
             train_type,
             ..TrainConfig::default()
         },
-        lora: serde_json::from_value(json!({ "r": a.lora_r }))
+        lora: serde_json::from_value(json!({ "r": a.job.lora_r }))
             .map_err(|e| format!("LoRA config: {e}"))?,
         ..Default::default()
     };
-    let tokens = a.micro_batch * a.seq;
+    let tokens = a.job.micro_batch * a.job.seq;
     crate::offload_plan::HostPlan::of(&plan_settings, &config, dtype, quant.as_ref(), tokens)
         .check()?;
-    let builder = match (a.simulate_world, &job) {
+    let builder = match (a.job.simulate_world, &job) {
         (0, _) => return Err("--simulate-world must be at least 1".into()),
         (1, Some(j)) => j.store_builder(&ctx, &offload, config.num_units())?,
         (1, None) => crate::store_builder(&ctx, &offload, config.num_units())?,
-        (n, _) => simulated_builder(&ctx, &offload, config.num_units(), n, &a.strategy)?,
+        (n, _) => simulated_builder(&ctx, &offload, config.num_units(), n, &a.job.strategy)?,
     };
     let mut model = Model::random_in(config.clone(), &ctx, dtype, a.seed, quant.as_ref(), builder)
-        .map_err(|e| format!("building the random {} model: {e}", a.model))?;
-    model.offload_activations = a.offload_activations;
-    model.checkpointing = a.checkpointing;
-    model.checkpoint_keep_attention = a.keep_attention;
-    model.checkpoint_skip_layers = a.skip_layers;
-    model.checkpoint_cache_dequantized = a.cache_dequantized;
+        .map_err(|e| format!("building the random {} model: {e}", a.job.model))?;
+    model.offload_activations = a.job.offload_activations;
+    model.checkpointing = a.job.checkpointing;
+    model.checkpoint_keep_attention = a.job.keep_attention;
+    model.checkpoint_skip_layers = a.job.skip_layers;
+    model.checkpoint_cache_dequantized = a.job.cache_dequantized;
     let trainable = if train_type.uses_adapter() {
         let lora = serde_json::from_value(json!({
-            "r": a.lora_r,
-            "lora_alpha": a.lora_alpha,
+            "r": a.job.lora_r,
+            "lora_alpha": a.job.lora_alpha,
             "lora_dropout": 0.0,
             "target_modules": "all-linear",
             "use_dora": train_type.dora(),
@@ -292,17 +197,17 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let train = TrainConfig {
         train_type,
         max_steps: a.steps as u64,
-        grad_accum: a.grad_accum,
+        grad_accum: a.job.grad_accum,
         schedule: ScheduleKind::Constant,
         checkpoint_every: 0,
         seed: a.seed,
-        optimizer_on_host: a.offload_optimizer.then_some(0),
+        optimizer_on_host: a.job.offload_optimizer.then_some(0),
         // Trainer::new sets the attention's mode from it.
         deterministic: a.deterministic,
         ..TrainConfig::default()
     };
-    let mut trainer =
-        Trainer::new(train, &model).map_err(|e| format!("--train-type {}: {e}", a.train_type))?;
+    let mut trainer = Trainer::new(train, &model)
+        .map_err(|e| format!("--train-type {}: {e}", a.job.train_type))?;
     let ranks = job.as_ref().map_or(1, |j| j.group.world_size());
     if let Some(j) = &job {
         trainer
@@ -313,7 +218,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
 
-    let tokens_per_micro = a.micro_batch * a.seq;
+    let tokens_per_micro = a.job.micro_batch * a.job.seq;
     // Each rank draws its own tokens.
     let mut rng = a.seed ^ 0x5EED_70CE_u64 ^ (world.rank as u64).wrapping_mul(0x9E37_79B9);
     let mut step_ms = Vec::with_capacity(a.steps);
@@ -322,12 +227,12 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let mut losses = Vec::with_capacity(a.steps);
     let mut device_used_max = 0usize;
     for _ in 0..a.steps {
-        let mut micro = (0..a.grad_accum)
+        let mut micro = (0..a.job.grad_accum)
             .map(|_| {
                 let ids: Vec<i32> = (0..tokens_per_micro)
                     .map(|_| (next_u64(&mut rng) % config.vocab_size as u64) as i32)
                     .collect();
-                ModelBatch::from_host(&ctx, a.micro_batch, a.seq, &ids, None, None, None)
+                ModelBatch::from_host(&ctx, a.job.micro_batch, a.job.seq, &ids, None, None, None)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
@@ -356,9 +261,9 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let timed = a.warmup..a.steps;
     let step_med = median(&step_ms[timed.clone()]);
     // The job's tokens: every rank's micro-batches.
-    let tokens_per_step = tokens_per_micro * a.grad_accum * ranks;
+    let tokens_per_step = tokens_per_micro * a.job.grad_accum * ranks;
     let tokens_per_s = tokens_per_step as f64 / (step_med / 1e3);
-    let flops = Flops::of(&config, &model, train_type, trainable, a.seq);
+    let flops = Flops::of(&config, &model, train_type, trainable, a.job.seq);
     let achieved = |per_token: f64| per_token * tokens_per_s / 1e12;
     let mfu = |per_token: f64| ceiling.map(|c| achieved(per_token) / c);
     let alloc = cu.map(|c| c.allocator().stats());
@@ -366,20 +271,20 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let trained_sha256 = adapter_digest(&model).map_err(|e| e.to_string())?;
     let out = json!({
         "impl": "llmft",
-        "model": a.model,
+        "model": a.job.model,
         "layers": config.num_layers,
-        "train_type": a.train_type,
-        "seq": a.seq,
-        "micro_batch": a.micro_batch,
-        "grad_accum": a.grad_accum,
-        "checkpointing": a.checkpointing,
-        "checkpoint_keep_attention": a.keep_attention,
-        "checkpoint_skip_layers": a.skip_layers,
-        "checkpoint_cache_dequantized": a.cache_dequantized,
+        "train_type": a.job.train_type,
+        "seq": a.job.seq,
+        "micro_batch": a.job.micro_batch,
+        "grad_accum": a.job.grad_accum,
+        "checkpointing": a.job.checkpointing,
+        "checkpoint_keep_attention": a.job.keep_attention,
+        "checkpoint_skip_layers": a.job.skip_layers,
+        "checkpoint_cache_dequantized": a.job.cache_dequantized,
         "deterministic": a.deterministic,
-        "lora_r": a.lora_r,
-        "lora_alpha": a.lora_alpha,
-        "dtype": a.dtype,
+        "lora_r": a.job.lora_r,
+        "lora_alpha": a.job.lora_alpha,
+        "dtype": a.job.dtype,
         "device": device_name,
         "steps": a.steps,
         "warmup": a.warmup,
@@ -409,17 +314,17 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     });
     let mut out = out;
     let memory = json!({
-        "world_size": a.simulate_world.max(ranks),
-        "simulated": a.simulate_world > 1,
-        "strategy": if a.simulate_world > 1 || job.is_some() { a.strategy.as_str() } else { "none" },
+        "world_size": a.job.simulate_world.max(ranks),
+        "simulated": a.job.simulate_world > 1,
+        "strategy": if a.job.simulate_world > 1 || job.is_some() { a.job.strategy.as_str() } else { "none" },
         "backend": job.as_ref().map(|j| j.group.backend().to_string()),
         "tokens_per_s_per_rank": tokens_per_s / ranks as f64,
         "offload": {
-            "params": a.offload_params,
-            "activations": a.offload_activations,
-            "optimizer": a.offload_optimizer,
-            "lookahead": a.lookahead,
-            "keep_embedding": a.keep_embedding,
+            "params": a.job.offload_params,
+            "activations": a.job.offload_activations,
+            "optimizer": a.job.offload_optimizer,
+            "lookahead": a.job.lookahead,
+            "keep_embedding": a.job.keep_embedding,
         },
         "store_device_gib": store_bytes.device as f64 / GIB,
         "store_host_gib": store_bytes.host as f64 / GIB,
@@ -448,38 +353,11 @@ fn step_error(e: &str, a: &BenchArgs) -> String {
     if e.contains("out of memory") {
         format!(
             "{e}; lower --micro-batch ({}) or --seq ({}), or use --checkpointing true",
-            a.micro_batch, a.seq
+            a.job.micro_batch, a.job.seq
         )
     } else {
         e.to_string()
     }
-}
-
-fn train_type_of(name: &str) -> Result<TrainType, String> {
-    serde_json::from_value(json!(name))
-        .map_err(|_| format!("--train-type `{name}` is not one of {TRAIN_TYPES}"))
-}
-
-/// A preset, or `tiny`: a 2-layer Llama whose every shape is a multiple of
-/// the quantizers' block sizes, for CPU runs and tests.
-fn model_shape(name: &str) -> Result<ModelConfig, String> {
-    if name == "tiny" {
-        let mut c = ModelConfig::preset("llama3-8b").map_err(|e| e.to_string())?;
-        c.vocab_size = 512;
-        c.hidden_size = 128;
-        c.intermediate_size = 256;
-        c.num_layers = 2;
-        c.num_heads = 4;
-        c.num_kv_heads = 2;
-        c.head_dim = 32;
-        return Ok(c);
-    }
-    ModelConfig::preset(name).map_err(|_| {
-        format!(
-            "--model `{name}` is not a known model shape (llama3-8b, llama3-70b, llama2-7b, \
-             llama2-70b, qwen2.5-7b, qwen3-8b, or tiny)"
-        )
-    })
 }
 
 /// Model FLOPs per trained token.

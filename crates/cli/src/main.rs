@@ -10,8 +10,10 @@ mod bench;
 mod config;
 mod demo;
 mod dist;
+mod estimate;
 mod launch;
 mod offload_plan;
+mod shape;
 mod train;
 
 #[derive(Parser)]
@@ -99,6 +101,10 @@ enum Command {
     },
     /// End-to-end training benchmark on random weights of a named model shape.
     Bench(bench::BenchArgs),
+    /// Will this job fit? Per-rank GPU and host memory of a job (the flags
+    /// `bench` takes), from the model's config alone; with --gpu-memory,
+    /// the settings that fit, fastest first.
+    Estimate(estimate::EstimateArgs),
     /// Start the ranks of a multi-process job on this node, as torchrun does.
     ///
     /// Each rank runs an llmft subcommand (or with --exec, any program) with
@@ -450,6 +456,7 @@ fn main() -> ExitCode {
     {
         Command::Env => env_report(),
         Command::Bench(args) => bench::run(&args),
+        Command::Estimate(args) => estimate::run(&args),
         Command::Config {
             action: ConfigAction::Show(args),
         } => train::settings(args.config.as_deref(), &args.set).map(|l| print!("{}", l.show())),

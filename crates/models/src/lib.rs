@@ -36,5 +36,5 @@ pub use llmft_tensor::store::{
 };
 pub use loader::{is_quantizable, load_into, random_into};
 pub use model::{sample_token, GenerateOpts, Grads, Model, ModelBatch};
-pub use resolve::{resolve_model, resolve_model_in};
+pub use resolve::{resolve_config, resolve_model, resolve_model_in};
 pub use store::{part_key, QuantIndex, UnitWeights};

@@ -23,6 +23,20 @@ pub fn resolve_model(reference: &str) -> Result<PathBuf> {
     resolve_model_in(reference, &Cache::from_env(), offline)
 }
 
+/// Fails unless `reference` (not an existing folder) reads as `org/name`.
+fn not_a_folder_or_id(reference: &str) -> Result<()> {
+    let looks_like_id = reference.split('/').count() == 2
+        && !reference.starts_with('.')
+        && !reference.starts_with('/');
+    if looks_like_id {
+        return Ok(());
+    }
+    Err(Error::Io {
+        path: PathBuf::from(reference),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder"),
+    })
+}
+
 fn repo_of(reference: &str) -> Repo {
     match reference.split_once('@') {
         Some((id, rev)) => {
@@ -38,15 +52,7 @@ pub fn resolve_model_in(reference: &str, cache: &Cache, offline: bool) -> Result
     if p.is_dir() {
         return Ok(p.to_path_buf());
     }
-    let looks_like_id = reference.split('/').count() == 2
-        && !reference.starts_with('.')
-        && !reference.starts_with('/');
-    if !looks_like_id {
-        return Err(Error::Io {
-            path: p.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder"),
-        });
-    }
+    not_a_folder_or_id(reference)?;
     let repo = repo_of(reference);
     if let Some(cfg) = cache.repo(repo.clone()).get("config.json") {
         if let Some(dir) = cfg.parent() {
@@ -66,6 +72,38 @@ pub fn resolve_model_in(reference: &str, cache: &Cache, offline: bool) -> Result
         });
     }
     download(reference, repo, cache)
+}
+
+/// The `config.json` of `reference` (a model folder, or a hub id looked up
+/// in the cache and, unless `HF_HUB_OFFLINE=1`, downloaded alone — no
+/// weights), for tools that need only the model's shape.
+pub fn resolve_config(reference: &str) -> Result<PathBuf> {
+    let p = Path::new(reference);
+    if p.is_dir() {
+        return Ok(p.join("config.json"));
+    }
+    not_a_folder_or_id(reference)?;
+    let cache = Cache::from_env();
+    let repo = repo_of(reference);
+    if let Some(cfg) = cache.repo(repo.clone()).get("config.json") {
+        return Ok(cfg);
+    }
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        return Err(Error::Config {
+            path: cache.path().clone(),
+            msg: format!(
+                "the config.json of model `{reference}` is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+            ),
+        });
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_progress(false)
+        .build()
+        .and_then(|api| api.repo(repo).get("config.json"));
+    api.map_err(|e| Error::Config {
+        path: cache.path().clone(),
+        msg: format!("downloading `config.json` of model `{reference}` failed: {e}"),
+    })
 }
 
 fn download(reference: &str, repo: Repo, cache: &Cache) -> Result<PathBuf> {

@@ -328,7 +328,10 @@ pub fn estimate(job: &JobSpec) -> Estimate {
     let layer_blob = (1..=l).map(|u| job.unit_bytes(u)).max().unwrap_or(0);
     let outer: Vec<usize> = [0, l + 1].iter().map(|&u| job.unit_bytes(u)).collect();
     let total_blob: usize = (0..c.num_units()).map(|u| job.unit_bytes(u)).sum();
-    let shard = |b: usize| b.div_ceil(ways).next_multiple_of(llmft_tensor::store::ALIGN);
+    let shard = |b: usize| {
+        b.div_ceil(ways)
+            .next_multiple_of(llmft_tensor::store::ALIGN)
+    };
     let (resident, buffers) = if sharded {
         let resident = if job.offload.params {
             0
@@ -338,20 +341,29 @@ pub fn estimate(job: &JobSpec) -> Estimate {
         let gathered = |b: usize| shard(b) * ways;
         let buffers = if job.sharding == Sharding::ShardGradOp {
             // Gathered in the forward, kept to the backward: every unit.
-            (0..c.num_units()).map(|u| gathered(job.unit_bytes(u))).sum()
+            (0..c.num_units())
+                .map(|u| gathered(job.unit_bytes(u)))
+                .sum()
         } else {
             outer.iter().map(|&b| gathered(b)).max().unwrap_or(0)
                 + (job.offload.lookahead + 1) * gathered(layer_blob)
         };
         (resident, buffers)
     } else if job.offload.params {
-        let keep = if job.offload.keep_embedding { outer[0] } else { 0 };
+        let keep = if job.offload.keep_embedding {
+            outer[0]
+        } else {
+            0
+        };
         let staged_outer = if job.offload.keep_embedding {
             outer[1]
         } else {
             outer[0].max(outer[1])
         };
-        (keep, staged_outer + (job.offload.lookahead + 1) * layer_blob)
+        (
+            keep,
+            staged_outer + (job.offload.lookahead + 1) * layer_blob,
+        )
     } else {
         (total_blob, 0)
     };
@@ -431,7 +443,10 @@ pub fn estimate(job: &JobSpec) -> Estimate {
             .add(f32_row(1)) // x2, h2, rstd2
             .n(3, row(f)); // gate, up, act
         if c.qk_norm {
-            a.add(row(q)).add(row(kv)).add(f32_row(nh)).add(f32_row(c.num_kv_heads));
+            a.add(row(q))
+                .add(row(kv))
+                .add(f32_row(nh))
+                .add(f32_row(c.num_kv_heads));
         }
         lora_xa(&mut a);
         if dora {
@@ -450,7 +465,11 @@ pub fn estimate(job: &JobSpec) -> Estimate {
     };
     let dense = |o: usize, i: usize| if quantized { size_class(o * i * dt) } else { 0 };
     let dense_layer: usize = linears(c).iter().map(|&(_, o, i)| dense(o, i)).sum();
-    let dense_max = linears(c).iter().map(|&(_, o, i)| dense(o, i)).max().unwrap_or(0);
+    let dense_max = linears(c)
+        .iter()
+        .map(|&(_, o, i)| dense(o, i))
+        .max()
+        .unwrap_or(0);
 
     // The backward of a layer whose activations are `acts` and whose
     // weights, when `cached`, stay dequantized: the largest of its moments.
@@ -477,7 +496,10 @@ pub fn estimate(job: &JobSpec) -> Estimate {
             .n(3, row(kv)) // dq, dk, dv and their RoPE gradients
             .n(2, row(h)); // dh1, dx
         proj.0 += transient_w;
-        w + [swiglu.0, down.0, attn.0, proj.0].into_iter().max().unwrap_or(0)
+        w + [swiglu.0, down.0, attn.0, proj.0]
+            .into_iter()
+            .max()
+            .unwrap_or(0)
     };
 
     // ---- The moments of a step.
@@ -522,7 +544,9 @@ pub fn estimate(job: &JobSpec) -> Estimate {
     // The head: every record, the final norm's output and gradient, the
     // logits chunk (f32 and a copy in the compute dtype).
     {
-        let chunk = (CE_CHUNK_BYTES / (4 * c.vocab_size.max(1))).max(1).min(n.max(1));
+        let chunk = (CE_CHUNK_BYTES / (4 * c.vocab_size.max(1)))
+            .max(1)
+            .min(n.max(1));
         let mut w = Live::default();
         w.n(3, row(h)).add(f32_row(1)).add(chunk * c.vocab_size * 4);
         if job.dtype != DType::F32 {

@@ -35,7 +35,10 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     for p in entries {
         if p.is_dir() {
             files(&p, out);
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("jsonl" | "json")) {
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("jsonl" | "json")
+        ) {
             out.push(p);
         }
     }
@@ -108,7 +111,11 @@ fn estimates_agree_with_the_measured_peaks() {
     files(&root, &mut all);
     let (mut checked, mut failures) = (0, Vec::new());
     for path in &all {
-        let rel = path.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        let rel = path
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         if SUPERSEDED.contains(&rel.as_str()) {
             continue;
         }
@@ -154,6 +161,15 @@ fn estimates_agree_with_the_measured_peaks() {
             }
         }
     }
-    assert!(checked >= 30, "only {checked} measured peaks found under {}", root.display());
-    assert!(failures.is_empty(), "{} of {checked} disagree:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        checked >= 30,
+        "only {checked} measured peaks found under {}",
+        root.display()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} disagree:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
