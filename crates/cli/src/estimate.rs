@@ -15,6 +15,13 @@ pub struct EstimateArgs {
     /// The job (the flags `llmft bench` takes).
     #[command(flatten)]
     pub job: JobFlags,
+    /// Estimate the job of this config file (as `llmft train -c` reads it);
+    /// the job flags above are then not used.
+    #[arg(long, short = 'c')]
+    config: Option<std::path::PathBuf>,
+    /// With or without -c: override one config key (`--set lora.r=64`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Ranks of the job (GPUs in all).
     #[arg(long, default_value_t = 1)]
     world_size: usize,
@@ -367,13 +374,99 @@ fn fits(a: &EstimateArgs, model: &str, base: &JobSpec, gpu_gib: f64) -> Result<S
     Ok(t)
 }
 
+/// The job of a config file's settings, on `world` ranks.
+fn spec_of_settings(
+    s: &crate::config::Settings,
+    world: usize,
+    gpn: usize,
+) -> Result<JobSpec, String> {
+    use crate::config::Strategy;
+    if s.model.path.is_empty() {
+        return Err("model.path is not set: name the model (a preset, folder or hub id) in the config or with --set model.path=...".into());
+    }
+    let config = crate::shape::model_shape(&s.model.path, "model.path")?;
+    let dtype = match s.model.dtype.as_str() {
+        "auto" | "bf16" => llmft_tensor::DType::BF16,
+        "f16" => llmft_tensor::DType::F16,
+        "f32" => llmft_tensor::DType::F32,
+        other => {
+            return Err(format!(
+                "model.dtype `{other}` is not one of auto, bf16, f16, f32"
+            ))
+        }
+    };
+    let mut lora_targets = Vec::new();
+    for name in llmft_trainer::estimate::LINEARS {
+        if s.lora
+            .is_targeted(&format!("model.layers.0.{name}"))
+            .map_err(|e| e.to_string())?
+        {
+            lora_targets.push(name.to_string());
+        }
+    }
+    if lora_targets.is_empty() && s.train.train_type.uses_adapter() {
+        return Err("lora.target_modules matches none of the decoder's linears".into());
+    }
+    let b = &s.data.batch;
+    let seq = if b.packing && b.seq_len > 0 {
+        b.seq_len
+    } else {
+        s.data.cutoff_len
+    };
+    let sharding = match s.dist.strategy {
+        Strategy::FullShard => Sharding::FullShard,
+        Strategy::ShardGradOp => Sharding::ShardGradOp,
+        Strategy::NoShard => Sharding::NoShard,
+        Strategy::HybridShard => Sharding::HybridShard { gpus_per_node: gpn },
+    };
+    let o = &s.offload;
+    Ok(JobSpec {
+        config,
+        train_type: s.train.train_type,
+        dtype,
+        lora_r: s.lora.r,
+        lora_targets,
+        freeze_layers: s.train.freeze_trainable_layers,
+        seq,
+        micro_batch: b.batch_size.max(1),
+        checkpointing: s.model.checkpointing,
+        keep_attention: s.model.checkpoint_keep_attention,
+        skip_layers: s.model.checkpoint_skip_layers,
+        cache_dequantized: s.model.checkpoint_cache_dequantized,
+        offload: llmft_trainer::estimate::OffloadSpec {
+            params: o.params,
+            activations: o.activations,
+            optimizer: o.optimizer,
+            lookahead: o.lookahead,
+            keep_embedding: o.keep_embedding,
+        },
+        world_size: world,
+        sharded: sharding != Sharding::NoShard && world > 1,
+        sharding,
+        simulated: false,
+    })
+}
+
 /// Runs `llmft estimate`.
 pub fn run(a: &EstimateArgs) -> Result<(), String> {
     if a.world_size == 0 {
         return Err("--world-size must be at least 1".into());
     }
-    let spec = a.job.spec(a.world_size, a.gpus_per_node)?;
-    let model = a.job.model.as_str();
+    let (spec, model) = if a.config.is_some() || !a.set.is_empty() {
+        let loaded =
+            crate::config::Loaded::load(a.config.as_deref(), &a.set).map_err(|e| e.to_string())?;
+        let s = &loaded.settings;
+        (
+            spec_of_settings(s, a.world_size, a.gpus_per_node)?,
+            s.model.path.clone(),
+        )
+    } else {
+        (
+            a.job.spec(a.world_size, a.gpus_per_node)?,
+            a.job.model.clone(),
+        )
+    };
+    let model = model.as_str();
     let text = match a.gpu_memory {
         Some(g) => format!("{}\n", fits(a, model, &spec, g)?),
         None => {

@@ -109,7 +109,7 @@ impl JobFlags {
 
     /// The model's shape with `--layers` applied, after checking the sizes.
     pub fn config(&self) -> Result<ModelConfig, String> {
-        let mut config = model_shape(&self.model)?;
+        let mut config = model_shape(&self.model, "--model")?;
         if let Some(l) = self.layers {
             if l == 0 {
                 return Err("--layers must be at least 1".into());
@@ -196,8 +196,8 @@ impl JobFlags {
 
 /// A preset, `tiny` (a 2-layer Llama whose every shape is a multiple of the
 /// quantizers' block sizes, for CPU runs and tests), a model folder or a hub
-/// id (its config.json alone).
-pub fn model_shape(name: &str) -> Result<ModelConfig, String> {
+/// id (its config.json alone); `what` names the setting in errors.
+pub fn model_shape(name: &str, what: &str) -> Result<ModelConfig, String> {
     if name == "tiny" {
         let mut c = ModelConfig::preset("llama3-8b").map_err(|e| e.to_string())?;
         c.vocab_size = 512;
@@ -215,6 +215,6 @@ pub fn model_shape(name: &str) -> Result<ModelConfig, String> {
     let known = "a known model shape (llama3-8b, llama3-70b, llama2-7b, llama2-70b, qwen2.5-7b, \
                  qwen3-8b, or tiny), a model folder or a hub id";
     let path = llmft_models::resolve_config(name)
-        .map_err(|e| format!("--model `{name}` is not {known}: {e}"))?;
-    ModelConfig::from_file(&path).map_err(|e| format!("--model `{name}`: {e}"))
+        .map_err(|e| format!("{what} `{name}` is not {known}: {e}"))?;
+    ModelConfig::from_file(&path).map_err(|e| format!("{what} `{name}`: {e}"))
 }

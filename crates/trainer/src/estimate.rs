@@ -199,18 +199,22 @@ impl Live {
     }
 }
 
-/// The seven decoder linears, `(suffix, out, in)`.
+/// The seven decoder linears (module suffixes within a layer).
+pub const LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The seven decoder linears of `c`, `(suffix, out, in)`.
 fn linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
     let (h, q, kv, f) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-    [
-        ("self_attn.q_proj", q, h),
-        ("self_attn.k_proj", kv, h),
-        ("self_attn.v_proj", kv, h),
-        ("self_attn.o_proj", h, q),
-        ("mlp.gate_proj", f, h),
-        ("mlp.up_proj", f, h),
-        ("mlp.down_proj", h, f),
-    ]
+    let shapes = [(q, h), (kv, h), (kv, h), (h, q), (f, h), (f, h), (h, f)];
+    std::array::from_fn(|i| (LINEARS[i], shapes[i].0, shapes[i].1))
 }
 
 impl JobSpec {
