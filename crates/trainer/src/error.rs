@@ -45,7 +45,7 @@ pub enum Error {
     /// rank's file missing); its unfinished folder is removed and earlier
     /// checkpoints are untouched.
     #[error(
-        "checkpoint {step} was not saved: {path}: {source} (earlier checkpoints are untouched)"
+        "checkpoint {step} was not saved: {path}: {source}; earlier checkpoints are untouched"
     )]
     CheckpointWrite {
         /// The step of the checkpoint.
