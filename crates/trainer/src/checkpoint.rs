@@ -543,6 +543,99 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 mod tests {
     use super::*;
 
+    fn state(step: u64) -> TrainerState {
+        TrainerState {
+            format: FORMAT.into(),
+            step,
+            optimizer_step: step,
+            seed: 1,
+            cursor: None,
+            next_lr: 0.0,
+            train_type: None,
+            loss_scale: None,
+            loss_scale_clean_steps: 0,
+            world_size: None,
+            optimizer_sharded: false,
+        }
+    }
+
+    /// Writes checkpoint `step` with one file `a.bin` holding `bytes`.
+    fn write(out: &Path, step: u64, bytes: &[u8], keep_last: usize) -> PathBuf {
+        let tmp = prepare(out, step).unwrap();
+        let mut w = Writer::new(&tmp, step);
+        w.file("a.bin", bytes).unwrap();
+        w.commit(out, &state(step), keep_last).unwrap()
+    }
+
+    fn names(out: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_replaced_or_half_deleted_checkpoint_never_loses_the_last_good_one() {
+        let out = std::env::temp_dir().join(format!("llmft-ckpt-replace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        write(&out, 2, b"two", 0);
+        let four = write(&out, 4, b"four", 0);
+        assert_eq!(verify(&four).unwrap().files[0].size, 4);
+        // Writing step 4 again (a run resumed from checkpoint-2) replaces it.
+        write(&out, 4, b"FOUR!", 0);
+        assert_eq!(std::fs::read(four.join("a.bin")).unwrap(), b"FOUR!");
+        assert_eq!(names(&out), ["checkpoint-2", "checkpoint-4"]);
+        // Killed between moving the old one aside and the rename: the old
+        // one still counts as step 4 and is kept by clean.
+        let replaced = out.join(format!("{REPLACED_PREFIX}4"));
+        std::fs::rename(&four, &replaced).unwrap();
+        std::fs::create_dir_all(tmp_for(&out, 4)).unwrap();
+        std::fs::create_dir_all(out.join(format!("{DELETED_PREFIX}2"))).unwrap();
+        assert_eq!(latest_checkpoint(&out).unwrap(), Some(replaced.clone()));
+        verify(&replaced).unwrap();
+        assert_eq!(clean(&out).unwrap().len(), 2);
+        assert_eq!(names(&out), ["checkpoint-2", "replaced-checkpoint-4"]);
+        // The next write of step 4 removes it; retention keeps the new one.
+        write(&out, 4, b"4", 1);
+        assert_eq!(names(&out), ["checkpoint-4"]);
+        assert_eq!(list(&out).unwrap(), [(4, four.clone())]);
+        // A damaged file is named; so is a missing manifest.
+        std::fs::write(four.join("a.bin"), b"5").unwrap();
+        let e = verify(&four).unwrap_err().to_string();
+        assert!(e.contains("a.bin") && e.contains("SHA-256"), "{e}");
+        std::fs::remove_file(four.join(MANIFEST_FILE)).unwrap();
+        let e = verify(&four).unwrap_err().to_string();
+        assert!(e.contains(MANIFEST_FILE) && e.contains("missing"), "{e}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_naming_files_outside_the_folder_is_refused() {
+        let dir = std::env::temp_dir().join(format!("llmft-ckpt-escape-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let entry = |name: &str| ManifestEntry {
+            name: name.into(),
+            size: 0,
+            sha256: "0".repeat(64),
+        };
+        for bad in ["../x", "/etc/passwd", "", "..", MANIFEST_FILE] {
+            let m = Manifest {
+                format: MANIFEST_FORMAT.into(),
+                step: 1,
+                files: vec![entry(STATE_FILE), entry(bad)],
+            };
+            std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+            let e = read_manifest(&dir).unwrap_err().to_string();
+            assert!(
+                e.contains(MANIFEST_FILE) && e.contains("not a file name"),
+                "{bad}: {e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn states_without_the_newer_fields_still_load() {
         let dir = std::env::temp_dir().join(format!("llmft-state-v1-{}", std::process::id()));
