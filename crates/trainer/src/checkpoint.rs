@@ -376,9 +376,12 @@ fn step_of(path: &Path, prefix: &str) -> Option<u64> {
 }
 
 /// Checkpoints under `output_dir`, oldest first: every `checkpoint-<step>`
-/// folder (only a complete write is ever renamed to that name), and a
+/// folder that looks like one (it holds `manifest.json` or
+/// `trainer_state.json`; only a complete write is ever renamed to that
+/// name, so a damaged one is listed and then refused by [`verify`]), and a
 /// `replaced-checkpoint-<step>` whose replacement was interrupted before it
-/// was in place. Temporary folders of an interrupted write are ignored.
+/// was in place. Temporary folders of an interrupted write, and folders
+/// with neither file, are ignored.
 pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     if !output_dir.exists() {
@@ -387,7 +390,7 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut replaced = Vec::new();
     for entry in std::fs::read_dir(output_dir).map_err(io(output_dir))? {
         let path = entry.map_err(io(output_dir))?.path();
-        if !path.is_dir() {
+        if !(path.join(MANIFEST_FILE).is_file() || path.join(STATE_FILE).is_file()) {
             continue;
         }
         if let Some(step) = step_of(&path, PREFIX) {
