@@ -113,6 +113,23 @@ impl Adapter {
     /// (tensors in `dtype`: f32, bf16 or f16), each to a temporary name first
     /// and renamed, so no half-written file ever carries the final name.
     pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        for (name, bytes) in self.encode_files(dir, dtype)? {
+            write_atomic(&dir.join(name), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of the files [`Adapter::save`] writes, as (file name,
+    /// bytes): `adapter_model.safetensors` (tensors in `dtype`: f32, bf16 or
+    /// f16), then `adapter_config.json`. `dir` is the folder they are meant
+    /// for, named in errors; nothing is written. For callers that write the
+    /// files themselves (a training checkpoint's own writer).
+    pub fn encode_files(&self, dir: &Path, dtype: DType) -> Result<[(&'static str, Vec<u8>); 2]> {
         if !dtype.is_float() {
             return Err(Error::DType {
                 what: "saved adapter".into(),
@@ -125,12 +142,6 @@ impl Adapter {
                 module: m.to_string(),
             });
         }
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, l) in &self.layers {
             let mut parts = vec![(PART_A, &l.a), (PART_B, &l.b)];
@@ -166,8 +177,7 @@ impl Adapter {
             path: dir.join(CONFIG_FILE),
             source,
         })?;
-        write_atomic(&weights_path, &bytes)?;
-        write_atomic(&dir.join(CONFIG_FILE), &json)
+        Ok([(WEIGHTS_FILE, bytes), (CONFIG_FILE, json)])
     }
 
     /// Reads a PEFT adapter directory for a model whose linear layers are

@@ -41,6 +41,21 @@ pub enum Error {
         /// What is wrong with it.
         msg: String,
     },
+    /// Writing checkpoint `step` failed (disk full, a file-size limit, a
+    /// rank's file missing); its unfinished folder is removed and earlier
+    /// checkpoints are untouched.
+    #[error(
+        "checkpoint {step} was not saved: {path}: {source}; earlier checkpoints are untouched"
+    )]
+    CheckpointWrite {
+        /// The step of the checkpoint.
+        step: u64,
+        /// The file being written (or read back).
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A non-finite loss or gradient norm under `nan_policy = "stop"`.
     #[error(
         "step {step}: non-finite loss {loss} or gradient norm {grad_norm}; training stopped \

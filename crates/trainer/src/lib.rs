@@ -54,8 +54,9 @@ mod trainer;
 
 pub use batch::model_batch;
 pub use checkpoint::{
-    latest_checkpoint, list as list_checkpoints, optimizer_rank_file, read_state, TrainerState,
-    MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
+    clean as clean_checkpoints, latest_checkpoint, list as list_checkpoints, optimizer_rank_file,
+    read_manifest, read_state, verify as verify_checkpoint, Manifest, ManifestEntry, TrainerState,
+    FAULT_KILL_AT_ENV, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
 pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
 pub use dist::{DataParallel, BUCKET_ELEMS};

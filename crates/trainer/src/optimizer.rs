@@ -627,6 +627,13 @@ impl Optimizer {
     /// Writes the moments and step counter as safetensors (`<param>.exp_avg`,
     /// `<param>.exp_avg_sq`, metadata `step`).
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.encode(path)?;
+        std::fs::write(path, bytes).map_err(crate::error::io(path))
+    }
+
+    /// The bytes [`Optimizer::save`] writes; `path` is the file they are
+    /// meant for, named in errors.
+    pub fn encode(&self, path: &Path) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
         for (name, s) in &self.state {
             for (suffix, t) in [("exp_avg", &s.m), ("exp_avg_sq", &s.v)] {
@@ -634,19 +641,26 @@ impl Optimizer {
             }
         }
         let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
-        write_f32_safetensors(path, &tensors, meta)
+        encode_f32_safetensors(path, &tensors, meta)
     }
 
     /// Writes the f32 masters of the trained model weights under their
     /// Hugging Face names (`model.safetensors` of a full / freeze checkpoint).
     pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let bytes = self.encode_weights(path)?;
+        std::fs::write(path, bytes).map_err(crate::error::io(path))
+    }
+
+    /// The bytes [`Optimizer::save_weights`] writes; `path` is the file
+    /// they are meant for, named in errors.
+    pub fn encode_weights(&self, path: &Path) -> Result<Vec<u8>> {
         let tensors: Vec<(String, &Tensor)> = self
             .masters
             .iter()
             .map(|(n, m)| (n.clone(), &m.value))
             .collect();
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_f32_safetensors(path, &tensors, meta)
+        encode_f32_safetensors(path, &tensors, meta)
     }
 
     /// Restores the masters [`Optimizer::save_weights`] wrote, and the
@@ -957,12 +971,13 @@ fn zero_grads(
     Ok(())
 }
 
-/// Writes f32 tensors as one safetensors file with `meta`.
-fn write_f32_safetensors<S: AsRef<str>>(
+/// f32 tensors as the bytes of one safetensors file with `meta` (errors
+/// name `path`).
+fn encode_f32_safetensors<S: AsRef<str>>(
     path: &Path,
     tensors: &[(S, &Tensor)],
     meta: HashMap<String, String>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let err = |msg: String| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
@@ -981,8 +996,7 @@ fn write_f32_safetensors<S: AsRef<str>>(
         let v = TensorView::new(StDtype::F32, shape.clone(), b).map_err(|e| err(e.to_string()))?;
         views.push((k.clone(), v));
     }
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
-    std::fs::write(path, bytes).map_err(crate::error::io(path))
+    safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

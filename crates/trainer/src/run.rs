@@ -178,6 +178,12 @@ pub fn train(
         None => Shard::single(),
     };
     let lead = shard.rank == 0;
+    if lead {
+        // What killed checkpoint writes left (the resumed checkpoint, if
+        // any, is loaded already; other ranks write nothing before the
+        // first checkpoint's barrier).
+        crate::checkpoint::clean(&out)?;
+    }
     let cfg = trainer.config().clone();
     let start_step = trainer.steps_done();
     let metrics_path = out.join(METRICS_FILE);

@@ -380,44 +380,61 @@ impl Trainer {
 
     /// Saves the trained parameters — the adapter (PEFT format, f32) or the
     /// f32 masters of the trained weights (`model.safetensors`, HF names) —
-    /// with the optimizer and trainer state to `output_dir/checkpoint-<step>`
-    /// (written under a temporary name and renamed), then deletes all but
-    /// the newest `keep_last` checkpoints.
+    /// with the optimizer and trainer state and a manifest of them all to
+    /// `output_dir/checkpoint-<step>` (written under a temporary name,
+    /// every file synced, and renamed), then deletes all but the newest
+    /// `keep_last` checkpoints; see the protocol in `checkpoint.rs`.
     ///
     /// Data-parallel: rank 0 writes the replicated state; with the
     /// optimizer state split over the ranks, each rank first writes its
     /// part (`optimizer-rank<r>-of-<w>.safetensors`) into the temporary
-    /// folder, then rank 0 completes and renames it. Every rank returns once
-    /// the checkpoint is in place; a rank that dies before leaves the
-    /// temporary folder, never a partial `checkpoint-<step>`.
+    /// folder, then rank 0 hashes the parts, completes and renames it. Every
+    /// rank returns once the checkpoint is in place; a rank that dies before
+    /// leaves the temporary folder, never a partial `checkpoint-<step>`.
     pub fn save_checkpoint(&self, model: &Model, output_dir: &Path) -> Result<PathBuf> {
         let Some(d) = &self.dist else {
             let tmp = checkpoint::prepare(output_dir, self.step)?;
-            return self.commit_checkpoint(model, output_dir, &tmp);
+            return self.commit_checkpoint(
+                model,
+                output_dir,
+                checkpoint::Writer::new(&tmp, self.step),
+            );
         };
         let ctx = model.ctx();
         let lead = d.rank() == 0;
         let tmp = checkpoint::tmp_for(output_dir, self.step);
+        let mut writer = checkpoint::Writer::new(&tmp, self.step);
         if self.optimizer.is_sharded() {
             if lead {
                 checkpoint::prepare(output_dir, self.step)?;
             }
             d.group().barrier(ctx)?;
-            let file = tmp.join(checkpoint::optimizer_rank_file(d.rank(), d.world_size()));
-            self.optimizer.save(&file)?;
+            let name = checkpoint::optimizer_rank_file(d.rank(), d.world_size());
+            let bytes = self.optimizer.encode(&tmp.join(&name))?;
+            writer.file(&name, &bytes)?;
             d.group().barrier(ctx)?;
+            if lead {
+                for r in 1..d.world_size() {
+                    writer.file_of_peer(&checkpoint::optimizer_rank_file(r, d.world_size()))?;
+                }
+            }
         } else if lead {
             checkpoint::prepare(output_dir, self.step)?;
         }
         let written = match lead {
-            true => self.commit_checkpoint(model, output_dir, &tmp),
+            true => self.commit_checkpoint(model, output_dir, writer),
             false => Ok(checkpoint::dir_for(output_dir, self.step)),
         };
         d.group().barrier(ctx)?;
         written
     }
 
-    fn commit_checkpoint(&self, model: &Model, output_dir: &Path, tmp: &Path) -> Result<PathBuf> {
+    fn commit_checkpoint(
+        &self,
+        model: &Model,
+        output_dir: &Path,
+        mut writer: checkpoint::Writer,
+    ) -> Result<PathBuf> {
         let adapter = if self.config.train_type.uses_adapter() {
             Some(model.adapter().ok_or(Error::NoAdapter)?)
         } else {
@@ -436,19 +453,35 @@ impl Trainer {
             world_size: self.dist.as_ref().map(|d| d.world_size()),
             optimizer_sharded: self.optimizer.is_sharded(),
         };
-        checkpoint::commit(output_dir, tmp, &state, self.config.keep_last, |dir| {
+        let tmp = checkpoint::tmp_for(output_dir, self.step);
+        let files = (|| {
             match adapter {
-                Some(a) => a.save(dir, llmft_tensor::DType::F32)?,
-                None => self
-                    .optimizer
-                    .save_weights(&dir.join(checkpoint::MODEL_FILE))?,
+                Some(a) => {
+                    for (name, bytes) in a.encode_files(&tmp, llmft_tensor::DType::F32)? {
+                        writer.file(name, &bytes)?;
+                    }
+                }
+                None => {
+                    let path = tmp.join(checkpoint::MODEL_FILE);
+                    writer.file(
+                        checkpoint::MODEL_FILE,
+                        &self.optimizer.encode_weights(&path)?,
+                    )?;
+                }
             }
-            match self.optimizer.is_sharded() {
-                // Each rank wrote its part already.
-                true => Ok(()),
-                false => self.optimizer.save(&dir.join(checkpoint::OPTIMIZER_FILE)),
+            // With the state split, each rank wrote its part already.
+            if !self.optimizer.is_sharded() {
+                let path = tmp.join(checkpoint::OPTIMIZER_FILE);
+                writer.file(checkpoint::OPTIMIZER_FILE, &self.optimizer.encode(&path)?)?;
             }
-        })
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = files {
+            // A failed write leaves nothing behind (earlier checkpoints are untouched).
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        writer.commit(output_dir, &state, self.config.keep_last)
     }
 
     /// A trainer that continues exactly where the checkpoint at `dir` left
@@ -472,7 +505,20 @@ impl Trainer {
         dir: &Path,
         dp: Option<DataParallel>,
     ) -> Result<Self> {
+        // Every file must match the manifest before any is read.
+        let manifest = checkpoint::verify(dir)?;
         let state = checkpoint::read_state(dir)?;
+        if manifest.step != state.step {
+            return Err(Error::Checkpoint {
+                path: dir.join(checkpoint::MANIFEST_FILE),
+                msg: format!(
+                    "step {} disagrees with {} (step {})",
+                    manifest.step,
+                    checkpoint::STATE_FILE,
+                    state.step
+                ),
+            });
+        }
         if let Some(saved) = state.train_type.filter(|&t| t != config.train_type) {
             return Err(Error::Config(format!(
                 "train_type: the checkpoint {} was written by a \"{}\" run, but the \

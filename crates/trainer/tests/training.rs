@@ -258,6 +258,9 @@ fn corrupt_and_half_written_checkpoints() {
         "{e}"
     );
 
+    // Repaired, the optimizer passes; a damaged state is named next.
+    std::fs::write(&opt, &bytes).unwrap();
+    Trainer::resume(config(5), &mut fresh, &dir).unwrap();
     std::fs::write(dir.join("trainer_state.json"), b"{\"step\": ").unwrap();
     let e = Trainer::resume(config(5), &mut fresh, &dir)
         .err()
