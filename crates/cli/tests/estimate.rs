@@ -156,3 +156,49 @@ fn the_search_lists_only_settings_that_fit_fastest_first() {
         "{err}"
     );
 }
+
+#[test]
+fn a_config_file_estimates_the_same_job_as_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("job.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\npath = \"llama2-70b\"\ncheckpointing = true\n\
+         [lora]\nr = 16\ntarget_modules = \"all-linear\"\n\
+         [data]\ncutoff_len = 2048\n[data.batch]\nbatch_size = 2\n\
+         [train]\ntrain_type = \"qlora\"\n\
+         [offload]\nparams = true\nactivations = true\n\
+         [dist]\nstrategy = \"full_shard\"\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let from_file = json(&["-c", c, "--world-size", "2"]);
+    let from_flags = json(&[
+        "--model",
+        "llama2-70b",
+        "--micro-batch",
+        "2",
+        "--offload-params",
+        "--offload-activations",
+        "--world-size",
+        "2",
+    ]);
+    assert_eq!(from_file["gpu_peak_gib"], from_flags["gpu_peak_gib"]);
+    assert_eq!(from_file["host_peak_gib"], from_flags["host_peak_gib"]);
+    // Fewer adapted linears: less trainable state.
+    let qv = json(&[
+        "-c",
+        c,
+        "--set",
+        "lora.target_modules=[\"q_proj\",\"v_proj\"]",
+    ]);
+    assert!(
+        qv["gpu"]["trainable_gib"].as_f64() < from_file["gpu"]["trainable_gib"].as_f64(),
+        "{qv}"
+    );
+    // No model named: one sentence saying which key to set.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "[lora]\nr = 8\n").unwrap();
+    let (ok, _, err) = estimate(&["-c", empty.to_str().unwrap()]);
+    assert!(!ok && err.contains("model.path"), "{err}");
+}
