@@ -129,7 +129,10 @@ impl KernelPath {
     /// (LLMFT_KERNEL_ARCH=70; no cp.async / ...); fp16 compute (no bf16)`.
     pub fn describe(&self) -> String {
         let on = if self.forced {
-            format!(" on an sm_{} device ({ARCH_ENV}={})", self.device, self.path)
+            format!(
+                " on an sm_{} device ({ARCH_ENV}={})",
+                self.device, self.path
+            )
         } else {
             String::new()
         };
@@ -185,11 +188,20 @@ mod tests {
 
     #[test]
     fn bad_overrides_are_refused_with_the_reason() {
-        let e = KernelPath::choose((7, 5), Some("80")).unwrap_err().to_string();
-        assert!(e.contains("LLMFT_KERNEL_ARCH") && e.contains("sm_75"), "{e}");
-        let e = KernelPath::choose((9, 0), Some("72")).unwrap_err().to_string();
+        let e = KernelPath::choose((7, 5), Some("80"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LLMFT_KERNEL_ARCH") && e.contains("sm_75"),
+            "{e}"
+        );
+        let e = KernelPath::choose((9, 0), Some("72"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sm_72 is not one of"), "{e}");
-        let e = KernelPath::choose((9, 0), Some("fast")).unwrap_err().to_string();
+        let e = KernelPath::choose((9, 0), Some("fast"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`fast`"), "{e}");
     }
 

@@ -568,7 +568,16 @@ mod tests {
         let e = c(13)
             .compile_uncached(source("rope").unwrap(), (7, 0))
             .unwrap_err();
-        assert!(matches!(e, Error::ArchTooOld { nvrtc: 13, arch: 70 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::ArchTooOld {
+                    nvrtc: 13,
+                    arch: 70
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("CUDA 12 build"));
     }
 
