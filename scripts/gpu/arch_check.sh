@@ -5,7 +5,7 @@
 # run (losses step by step), and the throughput of the sm_70/sm_75 paths next
 # to the normal one (`llmft bench`, fp16 QLoRA). Uses the bundle of
 # scripts/gpu/build.sh:
-#   here:  scripts/gpu/build.sh llmft-tensor llmft-lora llmft-quant llmft-models llmft-kernels
+#   here:  scripts/gpu/build.sh llmft-tensor llmft-lora llmft-quant llmft-models llmft-trainer
 #   there: bash scripts/gpu/arch_check.sh            # or: ... tests | train | bench
 # Writes under $OUT: arch_check.jsonl (one JSON object per check), tests-*.log,
 # train-*/ (metrics.jsonl of each run), bench-*.json, device.txt.
@@ -33,9 +33,10 @@ jl="$OUT/arch_check.jsonl"
 # 1. CUDA-vs-CPU tests on the sm_70 and sm_75 paths (and the normal path).
 if [ "$what" = all ] || [ "$what" = tests ]; then
   for arch in 70 75 native; do
-    for t in "$bin"/test/llmft_tensor__test__cuda_vs_cpu "$bin"/test/llmft_tensor__test__attention \
-             "$bin"/test/llmft_tensor__test__multi_tensor "$bin"/test/llmft_lora__test__cuda_vs_cpu \
-             "$bin"/test/llmft_quant__test__gpu "$bin"/test/llmft_models__test__reference; do
+    for t in "$bin"/test/llmft-tensor__test__cuda_vs_cpu "$bin"/test/llmft-tensor__test__attention \
+             "$bin"/test/llmft-tensor__test__multi_tensor "$bin"/test/llmft-lora__test__cuda_vs_cpu \
+             "$bin"/test/llmft-quant__test__gpu "$bin"/test/llmft-models__test__reference \
+             "$bin"/test/llmft-trainer__test__parity; do
       [ -x "$t" ] || { echo "{\"check\":\"cuda_vs_cpu\",\"arch\":\"$arch\",\"binary\":\"$(basename "$t")\",\"status\":\"missing\"}" >> "$jl"; continue; }
       name=$(basename "$t")
       log="$OUT/tests-$arch-$name.log"

@@ -116,6 +116,13 @@ impl CudaCtx {
                 "the CUDA driver library (libcuda.so) was not found or reports no device".into(),
             ));
         }
+        if let Some(v) = driver_version_code() {
+            if let Some(advice) =
+                llmft_kernels::cuda_build::driver_advice(llmft_kernels::cuda_build::BUILD, v)
+            {
+                return Err(Error::NoCuda(advice));
+            }
+        }
         if ordinal >= n {
             return Err(Error::NoCuda(format!(
                 "device cuda:{ordinal} asked for, but only {n} device(s) exist"
