@@ -99,8 +99,9 @@ fn bounds(dtype: DType) -> (f64, f64, f64) {
     match dtype {
         DType::F32 => (0.01, 1e-3, 100.0),
         // fp16 weights and activations with dynamic loss scaling: the loss
-        // and the unscaled gradient norms within fp16 rounding.
-        _ => (0.01, 2e-2, 10.0),
+        // and the unscaled gradient norms within fp16 rounding (the CPU run
+        // stays under 3e-5 and 4e-4; the bounds leave the GPU's GEMMs room).
+        _ => (2e-3, 5e-3, 100.0),
     }
 }
 
