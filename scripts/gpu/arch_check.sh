@@ -7,7 +7,8 @@
 # scripts/gpu/build.sh:
 #   here:  scripts/gpu/build.sh llmft-tensor llmft-lora llmft-quant llmft-models llmft-trainer
 #   there: bash scripts/gpu/arch_check.sh            # or: ... tests | train | bench
-# Writes under $OUT: arch_check.jsonl (one JSON object per check), tests-*.log,
+# The parts can run in separate calls (each well under 10 minutes on an H200).
+# Writes under $OUT: arch_check-<part>.jsonl (one JSON object per check), tests-*.log,
 # train-*/ (metrics.jsonl of each run), bench-*.json, device.txt.
 # ARCH_TRAIN_TOL (default 0.03): the largest relative loss difference allowed.
 set -uo pipefail
@@ -27,7 +28,7 @@ if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 "$bin/llmft" env | tee -a "$OUT/device.txt"
-jl="$OUT/arch_check.jsonl"
+jl="$OUT/arch_check-$what.jsonl"
 : > "$jl"
 
 # 1. CUDA-vs-CPU tests on the sm_70 and sm_75 paths (and the normal path).
