@@ -1,7 +1,22 @@
 // llmft common device helpers, prepended to every kernel source.
 // No CUDA headers are needed: bf16/f16 are carried as raw 16-bit values and
-// converted with PTX instructions (sm_80+), so NVRTC compiles without an
-// include path.
+// converted with PTX instructions (or integer code before sm_80), so NVRTC
+// compiles without an include path.
+
+// LLMFT_PATH_ARCH: the architecture (as __CUDA_ARCH__, e.g. 700) whose code
+// paths the kernels take. The compiler defines it: the device's own
+// architecture, or an older one (LLMFT_KERNEL_ARCH) so a newer GPU runs the
+// fallbacks of older ones. Fast paths test it, never __CUDA_ARCH__:
+//   >= 900  thread-block clusters, vector float reductions
+//   >= 800  cp.async, bf16/f16 m16n8k16 MMA, bf16 and f16x2 conversions
+//   >= 750  ldmatrix, f16 m16n8k8 MMA
+//   >= 700  ld.acquire, __nanosleep
+#ifndef LLMFT_PATH_ARCH
+#define LLMFT_PATH_ARCH __CUDA_ARCH__
+#endif
+#if LLMFT_PATH_ARCH > __CUDA_ARCH__
+#error "LLMFT_PATH_ARCH is newer than the architecture compiled for"
+#endif
 typedef unsigned short bf16_t;
 typedef unsigned short f16_t;
 typedef unsigned char u8_t;
@@ -15,9 +30,18 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((unsigned int)h) << 16);
 }
 __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+#if LLMFT_PATH_ARCH >= 800
     unsigned short r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
+#else
+    // Round to nearest even on the bit pattern (exact for subnormals and
+    // overflow to infinity); NaN becomes the canonical NaN, as cvt.rn does.
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fff;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+#endif
 }
 __device__ __forceinline__ float f16_to_f32(f16_t h) {
     float f;

@@ -101,7 +101,7 @@ __device__ void ce_body(const float* logits, const int* labels, float* loss,
     }
 FOR_FLOATS(CE)
 
-#if __CUDA_ARCH__ >= 900
+#if LLMFT_PATH_ARCH >= 900
 #define CE_CL 8
 
 __device__ __forceinline__ void ce_cluster_arrive() {

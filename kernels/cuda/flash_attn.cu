@@ -24,6 +24,7 @@ __device__ __forceinline__ u32_t fa_smem(const void* p) {
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
+#if LLMFT_PATH_ARCH >= 750
 __device__ __forceinline__ void fa_ldsm(u32_t* r, u32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -34,29 +35,157 @@ __device__ __forceinline__ void fa_ldsm_t(u32_t* r, u32_t addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
+#else
+// ldmatrix from shared loads (before sm_75). Lanes 8i..8i+7 give the row
+// addresses of 8x8 matrix i; lane l receives row l/4, columns 2(l%4) and
+// 2(l%4)+1 of each matrix (transposed: rows 2(l%4), 2(l%4)+1 of column l/4).
+__device__ __forceinline__ u32_t fa_lds32(u32_t addr) {
+    u32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+__device__ __forceinline__ u32_t fa_lds16(u32_t addr) {
+    unsigned short v;
+    asm volatile("ld.shared.b16 %0, [%1];" : "=h"(v) : "r"(addr));
+    return v;
+}
+// Out of line, as the shuffle MMA below: the kernels unroll many of them.
+struct FaU4 { u32_t x, y, z, w; };
+__device__ __noinline__ FaU4 fa_ldsm_emul(u32_t addr) {
+    const int lane = threadIdx.x & 31;
+    u32_t r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32_t row = __shfl_sync(0xffffffffu, addr, i * 8 + (lane >> 2));
+        r[i] = fa_lds32(row + (lane & 3) * 4);
+    }
+    return FaU4{r[0], r[1], r[2], r[3]};
+}
+__device__ __noinline__ FaU4 fa_ldsm_t_emul(u32_t addr) {
+    const int lane = threadIdx.x & 31;
+    u32_t r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        u32_t r0 = __shfl_sync(0xffffffffu, addr, i * 8 + 2 * (lane & 3));
+        u32_t r1 = __shfl_sync(0xffffffffu, addr, i * 8 + 2 * (lane & 3) + 1);
+        u32_t col = (lane >> 2) * 2;
+        r[i] = fa_lds16(r0 + col) | (fa_lds16(r1 + col) << 16);
+    }
+    return FaU4{r[0], r[1], r[2], r[3]};
+}
+__device__ __forceinline__ void fa_ldsm(u32_t* r, u32_t addr) {
+    FaU4 v = fa_ldsm_emul(addr);
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
+}
+__device__ __forceinline__ void fa_ldsm_t(u32_t* r, u32_t addr) {
+    FaU4 v = fa_ldsm_t_emul(addr);
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
+}
+#endif
+
+// The m16n8k16 MMA (row.col, f32 accumulate) from warp shuffles, for
+// architectures without the instruction for the element type (bf16 before
+// sm_80, f16 before sm_75). Lane l = 4g + t holds the fragments mma.sync
+// defines: A rows g and g+8, B columns g, C rows g and g+8 at columns 2t and
+// 2t+1. For each k pair group kt the lane fetches A's rows from lane 4g+kt
+// and B's columns 2t and 2t+1 from lanes 8t+kt and 8t+4+kt.
+// Not inlined: the kernels unroll hundreds of MMAs, and one out-of-line body
+// keeps NVRTC's time (and the code size) of these paths bounded.
+template <bool BF>
+__device__ __forceinline__ float fa_half(u32_t r, int hi) {
+    unsigned short h = (unsigned short)(hi ? r >> 16 : r & 0xffffu);
+    return BF ? bf16_to_f32(h) : f16_to_f32(h);
+}
+template <bool BF>
+__device__ __forceinline__ float fa_dot2(u32_t a, u32_t b, float acc) {
+    return fmaf(fa_half<BF>(a, 1), fa_half<BF>(b, 1), fmaf(fa_half<BF>(a, 0), fa_half<BF>(b, 0), acc));
+}
+struct FaAcc4 { float x, y, z, w; };
+template <bool BF>
+__device__ __noinline__ FaAcc4 fa_mma_shfl_f4(FaAcc4 c, u32_t a0, u32_t a1, u32_t a2, u32_t a3, u32_t b0,
+                                              u32_t b1) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+        const u32_t ag0 = __shfl_sync(0xffffffffu, a0, 4 * g + kt);  // A[g][2kt..]
+        const u32_t ag8 = __shfl_sync(0xffffffffu, a1, 4 * g + kt);  // A[g+8][2kt..]
+        const u32_t bg0 = __shfl_sync(0xffffffffu, a2, 4 * g + kt);  // A[g][2kt+8..]
+        const u32_t bg8 = __shfl_sync(0xffffffffu, a3, 4 * g + kt);  // A[g+8][2kt+8..]
+        const u32_t p0 = __shfl_sync(0xffffffffu, b0, 8 * t + kt);      // B[2kt..][2t]
+        const u32_t p1 = __shfl_sync(0xffffffffu, b1, 8 * t + kt);      // B[2kt+8..][2t]
+        const u32_t q0 = __shfl_sync(0xffffffffu, b0, 8 * t + 4 + kt);  // B[2kt..][2t+1]
+        const u32_t q1 = __shfl_sync(0xffffffffu, b1, 8 * t + 4 + kt);  // B[2kt+8..][2t+1]
+        c.x = fa_dot2<BF>(bg0, p1, fa_dot2<BF>(ag0, p0, c.x));
+        c.y = fa_dot2<BF>(bg0, q1, fa_dot2<BF>(ag0, q0, c.y));
+        c.z = fa_dot2<BF>(bg8, p1, fa_dot2<BF>(ag8, p0, c.z));
+        c.w = fa_dot2<BF>(bg8, q1, fa_dot2<BF>(ag8, q0, c.w));
+    }
+    return c;
+}
+template <bool BF>
+__device__ __forceinline__ void fa_mma_shfl(float* c, const u32_t* a, u32_t b0, u32_t b1) {
+    FaAcc4 r = fa_mma_shfl_f4<BF>(FaAcc4{c[0], c[1], c[2], c[3]}, a[0], a[1], a[2], a[3], b0, b1);
+    c[0] = r.x;
+    c[1] = r.y;
+    c[2] = r.z;
+    c[3] = r.w;
+}
+
+// m16n8k16 from two m16n8k8 (f16 on sm_75, which lacks the k16 shape).
+__device__ __forceinline__ void fa_mma_f16_k8x2(float* c, const u32_t* a, u32_t b0, u32_t b1) {
+#if LLMFT_PATH_ARCH >= 750
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[2]), "r"(a[3]), "r"(b1));
+#else
+    fa_mma_shfl<false>(c, a, b0, b1);
+#endif
+}
+
+#if LLMFT_PATH_ARCH >= 800
+#define FA_MMA_BODY(ty, bf)                                                                   \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty ".f32 {%0,%1,%2,%3}, "   \
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                   \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define FA_PACK_BODY(ty, from_f32)                                                            \
+    u32_t r;                                                                                  \
+    asm("cvt.rn." ty "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                    \
+    return r;
+#else
+#define FA_MMA_BODY(ty, bf)                                                                   \
+    if (bf) fa_mma_shfl<true>(c, a, b0, b1); else fa_mma_f16_k8x2(c, a, b0, b1);
+#define FA_PACK_BODY(ty, from_f32) return (u32_t)from_f32(lo) | ((u32_t)from_f32(hi) << 16);
+#endif
 
 // Per element type: the m16n8k16 MMA and packing two f32 into one register
 // (lower column in the low half). `ty` is the PTX type name.
-#define FA_ELEM(Name, ty, to_f32, from_f32)                                                       \
+#define FA_ELEM(Name, ty, bf, to_f32, from_f32)                                                   \
     struct Name {                                                                                 \
         static __device__ __forceinline__ void mma(float* c, const u32_t* a, u32_t b0, u32_t b1) { \
-            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty ".f32 {%0,%1,%2,%3}, " \
-                         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                 \
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                         \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));         \
+            FA_MMA_BODY(ty, bf)                                                                   \
         }                                                                                         \
         static __device__ __forceinline__ u32_t pack(float lo, float hi) {                        \
-            u32_t r;                                                                              \
-            asm("cvt.rn." ty "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));                  \
-            return r;                                                                             \
+            FA_PACK_BODY(ty, from_f32)                                                            \
         }                                                                                         \
         static __device__ __forceinline__ float load(const unsigned short* p, long long i) {      \
             return to_f32(p[i]);                                                                  \
         }                                                                                         \
         static __device__ __forceinline__ unsigned short store(float v) { return from_f32(v); }   \
     };
-FA_ELEM(FaBF16, "bf16", bf16_to_f32, f32_to_bf16)
-FA_ELEM(FaF16, "f16", f16_to_f32, f32_to_f16)
+FA_ELEM(FaBF16, "bf16", true, bf16_to_f32, f32_to_bf16)
+FA_ELEM(FaF16, "f16", false, f16_to_f32, f32_to_f16)
 
 // Rows [r0, r0 + R) of a [T, D] matrix into shared memory with row stride
 // D + 8 (16-byte rows, no ldmatrix bank conflicts); rows past T are zeros.
@@ -463,6 +592,7 @@ __device__ void fa_bwd_dq_body(const float* dq_acc, unsigned short* dq, long lon
 #define B2_WARPS 8
 #define B2_THREADS (B2_WARPS * 32)
 
+#if LLMFT_PATH_ARCH >= 800
 __device__ __forceinline__ void fa_cp16(u32_t dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
 }
@@ -470,6 +600,25 @@ __device__ __forceinline__ void fa_cp_commit() { asm volatile("cp.async.commit_g
 __device__ __forceinline__ void fa_cp_wait_all() {
     asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
+#else
+// Before sm_80: a plain load through registers, the bytes past `bytes` zero
+// (as cp.async's src-size does); commit and wait only order memory.
+__device__ __forceinline__ void fa_cp16(u32_t dst, const void* src, int bytes) {
+    Vec16 v = {{0u, 0u, 0u, 0u}};
+    if (bytes >= 16) {
+        v = *reinterpret_cast<const Vec16*>(src);
+    } else if (bytes > 0) {
+        const unsigned char* s = reinterpret_cast<const unsigned char*>(src);
+        unsigned char* d = reinterpret_cast<unsigned char*>(&v);
+        for (int i = 0; i < bytes; ++i) d[i] = s[i];
+    }
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(v.w[0]), "r"(v.w[1]),
+                 "r"(v.w[2]), "r"(v.w[3])
+                 : "memory");
+}
+__device__ __forceinline__ void fa_cp_commit() {}
+__device__ __forceinline__ void fa_cp_wait_all() { asm volatile("" ::: "memory"); }
+#endif
 // x, hidden from loop-invariant code motion: shared-memory addresses derived
 // from it inside a loop stay base + constant (folded into the ldmatrix
 // offset) instead of one hoisted register per unrolled address.
@@ -484,7 +633,7 @@ __device__ __forceinline__ float fa_exp2(float x) {
 }
 // dst[0] += a, dst[1] += b (one vector reduction on sm_90+).
 __device__ __forceinline__ void fa_red2(float* dst, float a, float b) {
-#if __CUDA_ARCH__ >= 900
+#if LLMFT_PATH_ARCH >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(a), "f"(b) : "memory");
 #else
     atomicAdd(dst, a);
@@ -963,8 +1112,13 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
             if (threadIdx.x == 0) {
                 int seen;
                 do {
+#if LLMFT_PATH_ARCH >= 700
                     asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(lk) : "memory");
                     if (seen != kt) __nanosleep(32);
+#else
+                    asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(seen) : "l"(lk) : "memory");
+                    __threadfence();
+#endif
                 } while (seen != kt);
             }
             __syncthreads();

@@ -20,6 +20,16 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::sys as nvrtc;
 use sha2::{Digest, Sha256};
 
+#[cfg(all(feature = "cuda-12", feature = "cuda-13"))]
+compile_error!(
+    "llmft is built for one CUDA version: both `cuda-12` and `cuda-13` are on. \
+     For the CUDA 12 build pass `--no-default-features --features cuda-12` \
+     (with `--workspace`: `--no-default-features --features llmft/cuda-12`)."
+);
+
+pub mod arch;
+pub mod cuda_build;
+
 /// One embedded kernel source file.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSource {
@@ -62,6 +72,25 @@ pub enum Error {
         call: &'static str,
         /// Its result code.
         code: nvrtc::nvrtcResult,
+    },
+    /// `LLMFT_KERNEL_ARCH` names no usable kernel path.
+    #[error("LLMFT_KERNEL_ARCH=`{value}`: {why}")]
+    BadArchOverride {
+        /// The variable's value.
+        value: String,
+        /// Why it cannot be used.
+        why: String,
+    },
+    /// The loaded NVRTC cannot compile for the device.
+    #[error(
+        "NVRTC {nvrtc} cannot compile for sm_{arch} (CUDA 13 dropped Maxwell, Pascal and \
+         Volta): use llmft's CUDA 12 build with CUDA 12's NVRTC (see the README, \"CUDA 12 or 13?\")"
+    )]
+    ArchTooOld {
+        /// NVRTC major version.
+        nvrtc: i32,
+        /// Architecture as `major*10+minor`.
+        arch: u32,
     },
     /// No kernel source with this name is embedded.
     #[error("no kernel source named `{0}`")]
@@ -124,6 +153,16 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
         nvrtc::nvrtcVersion(&mut major, &mut minor)
     })?;
     Ok((major, minor))
+}
+
+/// The oldest architecture (`major*10+minor`) NVRTC of major version
+/// `nvrtc_major` compiles for.
+pub fn nvrtc_min_arch(nvrtc_major: i32) -> u32 {
+    if nvrtc_major >= 13 {
+        75
+    } else {
+        50
+    }
 }
 
 /// CUDA include folders found on this machine, most specific first:
@@ -219,14 +258,30 @@ impl Compiler {
         self.version
     }
 
+    /// Whether this NVRTC compiles for `arch` (`major*10+minor`): NVRTC 13
+    /// starts at sm_75, NVRTC 12 at sm_50.
+    pub fn supports(&self, arch: u32) -> bool {
+        arch >= nvrtc_min_arch(self.version.0)
+    }
+
+    /// The architectures of [`arch::SUPPORTED_ARCHS`] this NVRTC compiles for.
+    pub fn archs(&self) -> Vec<u32> {
+        arch::SUPPORTED_ARCHS
+            .iter()
+            .copied()
+            .filter(|&a| self.supports(a))
+            .collect()
+    }
+
     /// Include folders passed to NVRTC.
     pub fn include_dirs(&self) -> &[PathBuf] {
         &self.include_dirs
     }
 
-    fn options(&self, arch: u32) -> Vec<String> {
+    fn options(&self, arch: u32, path: u32) -> Vec<String> {
         let mut o = vec![
             format!("--gpu-architecture=sm_{arch}"),
+            format!("-DLLMFT_PATH_ARCH={}", path * 10),
             "--std=c++17".to_string(),
             "--device-as-default-execution-space".to_string(),
             "-lineinfo".to_string(),
@@ -241,14 +296,25 @@ impl Compiler {
 
     /// The cache key of `src` for `arch`: source hash, architecture, NVRTC version.
     pub fn cache_key(&self, src: &KernelSource, arch: (u32, u32)) -> String {
+        self.cache_key_path(src, arch, arch.0 * 10 + arch.1)
+    }
+
+    /// The cache key of `src` for `arch` taking the code paths of `path`
+    /// (`major*10+minor`); a `-p{path}` tag marks an older path.
+    pub fn cache_key_path(&self, src: &KernelSource, arch: (u32, u32), path: u32) -> String {
         let arch = arch.0 * 10 + arch.1;
+        let tag = if path == arch {
+            String::new()
+        } else {
+            format!("-p{path}")
+        };
         let mut h = Sha256::new();
         h.update(src.code.as_bytes());
         // Include folders do not enter the key: our sources include no headers.
         let digest = h.finalize();
         let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
         format!(
-            "{}-{hex}-sm_{arch}-nvrtc{}.{}",
+            "{}-{hex}-sm_{arch}{tag}-nvrtc{}.{}",
             src.name, self.version.0, self.version.1
         )
     }
@@ -256,10 +322,24 @@ impl Compiler {
     /// Compiles `src` to a cubin for compute capability `arch` (e.g. `(9, 0)`),
     /// returning the cached file when one exists.
     pub fn compile(&self, src: &KernelSource, arch: (u32, u32)) -> Result<Vec<u8>> {
-        let path = self
-            .cache_dir
-            .as_ref()
-            .map(|d| d.join(format!("{}.cubin", self.cache_key(src, arch))));
+        self.compile_path(src, arch, arch.0 * 10 + arch.1)
+    }
+
+    /// Compiles `src` for compute capability `arch` with the code paths of
+    /// the older architecture `kernel_path` (`major*10+minor`, see
+    /// [`arch::KernelPath`]), returning the cached file when one exists.
+    pub fn compile_path(
+        &self,
+        src: &KernelSource,
+        arch: (u32, u32),
+        kernel_path: u32,
+    ) -> Result<Vec<u8>> {
+        let path = self.cache_dir.as_ref().map(|d| {
+            d.join(format!(
+                "{}.cubin",
+                self.cache_key_path(src, arch, kernel_path)
+            ))
+        });
         if let Some(p) = &path {
             if let Ok(bytes) = std::fs::read(p) {
                 if !bytes.is_empty() {
@@ -267,7 +347,7 @@ impl Compiler {
                 }
             }
         }
-        let cubin = self.compile_uncached(src, arch)?;
+        let cubin = self.compile_uncached_path(src, arch, kernel_path)?;
         if let (Some(p), Some(dir)) = (&path, &self.cache_dir) {
             // Write under a temporary name and rename, so a concurrent reader
             // never sees a half-written cubin. Failure to cache is not fatal.
@@ -282,11 +362,27 @@ impl Compiler {
 
     /// Compiles without consulting the disk cache.
     pub fn compile_uncached(&self, src: &KernelSource, arch: (u32, u32)) -> Result<Vec<u8>> {
+        self.compile_uncached_path(src, arch, arch.0 * 10 + arch.1)
+    }
+
+    /// [`Compiler::compile_path`] without the disk cache.
+    pub fn compile_uncached_path(
+        &self,
+        src: &KernelSource,
+        arch: (u32, u32),
+        kernel_path: u32,
+    ) -> Result<Vec<u8>> {
         let arch_n = arch.0 * 10 + arch.1;
+        if !self.supports(arch_n) {
+            return Err(Error::ArchTooOld {
+                nvrtc: self.version.0,
+                arch: arch_n,
+            });
+        }
         let code = CString::new(src.code).expect("kernel sources contain no NUL byte");
         let name = CString::new(format!("{}.cu", src.name)).expect("no NUL in name");
         let opts: Vec<CString> = self
-            .options(arch_n)
+            .options(arch_n, kernel_path.min(arch_n))
             .into_iter()
             .map(|o| CString::new(o).expect("no NUL in options"))
             .collect();
@@ -375,35 +471,129 @@ mod tests {
         assert!(c.cache_key(s, (9, 0)).ends_with("sm_90-nvrtc13.0"));
     }
 
-    /// Compiles every kernel for sm_80 and sm_90. Needs libnvrtc (CI installs
-    /// the pip wheel); where it is absent the test says so and returns.
+    /// Compiles every kernel for every architecture of
+    /// [`arch::SUPPORTED_ARCHS`] the loaded NVRTC supports (NVRTC 13: sm_75
+    /// to sm_90; NVRTC 12: sm_61 to sm_90), and for sm_90 with the kernel
+    /// paths of the ones it cannot target (what `LLMFT_KERNEL_ARCH=61`/`70`
+    /// runs on an H100/H200). Each
+    /// kernel × architecture is named in the output and in the failures.
+    /// Needs libnvrtc (CI installs pip's wheels); where it is absent the test
+    /// says so and returns, unless `LLMFT_REQUIRE_NVRTC` is set (`1`: NVRTC
+    /// must be present; `12`/`13`: and of that major version).
     #[test]
-    fn every_kernel_compiles_for_sm80_and_sm90() {
+    fn every_kernel_compiles_for_every_supported_arch() {
+        let require = std::env::var("LLMFT_REQUIRE_NVRTC").ok();
         let compiler = match Compiler::new(CompilerOptions {
             no_disk_cache: true,
             ..Default::default()
         }) {
             Ok(c) => c,
-            Err(Error::NvrtcMissing) if std::env::var_os("LLMFT_REQUIRE_NVRTC").is_none() => {
+            Err(Error::NvrtcMissing) if require.is_none() => {
                 eprintln!("skipping: NVRTC not found (set LLMFT_REQUIRE_NVRTC=1 to fail instead)");
                 return;
             }
             Err(e) => panic!("{e}"),
         };
-        for s in SOURCES {
-            for arch in [(8, 0), (9, 0)] {
-                let cubin = compiler
-                    .compile_uncached(s, arch)
-                    .unwrap_or_else(|e| panic!("{e}"));
+        let (major, minor) = compiler.version();
+        if let Some(want) = require.as_deref().and_then(|r| r.parse::<i32>().ok()) {
+            if want > 1 {
                 assert_eq!(
-                    &cubin[..4],
-                    b"\x7fELF",
-                    "{} sm_{}{}",
-                    s.name,
-                    arch.0,
-                    arch.1
+                    major, want,
+                    "LLMFT_REQUIRE_NVRTC={want} but NVRTC {major}.{minor} was loaded"
                 );
             }
         }
+        let mut jobs: Vec<(&KernelSource, u32, u32)> = Vec::new();
+        let archs = compiler.archs();
+        for s in SOURCES {
+            for &a in &archs {
+                jobs.push((s, a, a));
+            }
+            // The paths of the architectures this NVRTC cannot target (sm_61
+            // and sm_70 under NVRTC 13), compiled for sm_90 as an H100/H200
+            // runs them; the other paths are the native compiles above.
+            for p in [61, 70].into_iter().filter(|&p| !compiler.supports(p)) {
+                jobs.push((s, 90, p));
+            }
+        }
+        let label = |(s, a, p): &(&KernelSource, u32, u32)| {
+            if a == p {
+                format!("{} sm_{a}", s.name)
+            } else {
+                format!("{} sm_{a} (sm_{p} path)", s.name)
+            }
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failures = std::sync::Mutex::new(Vec::new());
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let (s, a, p) = *job;
+                    let t = std::time::Instant::now();
+                    let r = compiler.compile_uncached_path(s, (a / 10, a % 10), p);
+                    let what = label(job);
+                    match r {
+                        Ok(c) if c.starts_with(b"\x7fELF") => {
+                            eprintln!("ok   {what} ({:.1} s)", t.elapsed().as_secs_f64())
+                        }
+                        Ok(_) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{what}: NVRTC returned no ELF cubin")),
+                        Err(e) => failures.lock().unwrap().push(format!("{what}: {e}")),
+                    }
+                });
+            }
+        });
+        let failures = failures.into_inner().unwrap();
+        eprintln!(
+            "NVRTC {major}.{minor}: {} kernel × architecture compiles in {:.0} s, {} failed",
+            jobs.len(),
+            t0.elapsed().as_secs_f64(),
+            failures.len()
+        );
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn nvrtc_13_starts_at_turing() {
+        let c = |v| Compiler {
+            include_dirs: vec![],
+            cache_dir: None,
+            version: (v, 0),
+        };
+        assert_eq!(c(13).archs(), vec![75, 80, 86, 89, 90]);
+        assert_eq!(c(12).archs(), vec![61, 70, 75, 80, 86, 89, 90]);
+        let e = c(13)
+            .compile_uncached(source("rope").unwrap(), (7, 0))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::ArchTooOld {
+                    nvrtc: 13,
+                    arch: 70
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("CUDA 12 build"));
+    }
+
+    #[test]
+    fn an_older_path_has_its_own_cache_key() {
+        let c = Compiler {
+            include_dirs: vec![],
+            cache_dir: None,
+            version: (13, 0),
+        };
+        let s = &SOURCES[0];
+        assert_eq!(c.cache_key(s, (9, 0)), c.cache_key_path(s, (9, 0), 90));
+        let k = c.cache_key_path(s, (9, 0), 70);
+        assert!(k.ends_with("sm_90-p70-nvrtc13.0"), "{k}");
     }
 }

@@ -139,29 +139,71 @@ enum ConfigAction {
 }
 
 fn env_report() -> Result<(), String> {
-    println!("llmft {}", env!("CARGO_PKG_VERSION"));
-    match cuda::driver_version() {
-        Some((maj, min)) => println!("CUDA driver: {maj}.{min}"),
+    let build = llmft_kernels::cuda_build::BUILD;
+    println!("llmft {} ({})", env!("CARGO_PKG_VERSION"), build.describe());
+    let mut driver_fits = true;
+    match cuda::driver_version_code() {
+        Some(v) => {
+            println!(
+                "CUDA driver: {}",
+                llmft_kernels::cuda_build::driver_string(v)
+            );
+            if let Some(advice) = llmft_kernels::cuda_build::driver_advice(build, v) {
+                println!("  {advice}");
+                driver_fits = false;
+            }
+        }
         None => println!("CUDA driver: not found (libcuda.so); the CPU path is used"),
     }
     let n = cuda_device_count();
     println!("GPUs: {n}");
-    for i in 0..n {
-        let ctx = Ctx::cuda(i).map_err(|e| e.to_string())?;
-        let cu = ctx.cuda_ctx().expect("CUDA context");
-        let (free, total) = cu.mem_info().map_err(|e| e.to_string())?;
-        let (maj, min) = cu.arch();
-        println!(
-            "  cuda:{i}: {} (sm_{maj}{min}, {} SMs), {:.1} GiB free of {:.1} GiB",
-            cu.name(),
-            cu.sm_count(),
-            free as f64 / (1u64 << 30) as f64,
-            total as f64 / (1u64 << 30) as f64
-        );
+    if driver_fits {
+        for i in 0..n {
+            let ctx = match Ctx::cuda(i) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("  cuda:{i}: {e}");
+                    continue;
+                }
+            };
+            let cu = ctx.cuda_ctx().expect("CUDA context");
+            let (free, total) = cu.mem_info().map_err(|e| e.to_string())?;
+            let (maj, min) = cu.arch();
+            println!(
+                "  cuda:{i}: {} (sm_{maj}{min}, {} SMs), {:.1} GiB free of {:.1} GiB",
+                cu.name(),
+                cu.sm_count(),
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+            println!("    {}", cu.kernel_path().describe());
+            if !build.archs().contains(&(maj * 10 + min)) && maj * 10 + min < 75 {
+                println!(
+                    "    sm_{maj}{min} needs the CUDA 12 build (NVRTC 13 no longer compiles for it): {}",
+                    llmft_kernels::cuda_build::CudaBuild::Cuda12.build_command()
+                );
+            }
+        }
     }
     match llmft_kernels::nvrtc_version() {
-        Ok((maj, min)) => println!("NVRTC: {maj}.{min}"),
+        Ok((maj, min)) => {
+            println!("NVRTC: {maj}.{min}");
+            if let Some(advice) = llmft_kernels::cuda_build::nvrtc_advice(build, maj) {
+                println!("  {advice}");
+            }
+        }
         Err(e) => println!("NVRTC: {e}"),
+    }
+    if cuda::cublaslt_present() {
+        println!("cuBLASLt: found");
+    } else {
+        println!(
+            "cuBLASLt: not found (libcublasLt.so.{}): GPU GEMMs need it; install the CUDA {} \
+             toolkit or pip's nvidia-cublas{} and put its lib folder on LD_LIBRARY_PATH",
+            build.major(),
+            build.major(),
+            if build.major() == 12 { "-cu12" } else { "" }
+        );
     }
     let inc = llmft_kernels::find_cuda_include_dirs();
     println!(
@@ -187,17 +229,52 @@ fn env_report() -> Result<(), String> {
 /// The compute dtype of `model.dtype` on `ctx` (`auto`: bf16 on Ampere or
 /// newer, f16 on older GPUs, f32 on the CPU).
 fn dtype_for(name: &str, ctx: &Ctx) -> Result<llmft_tensor::DType, String> {
+    let path = ctx.cuda_ctx().map(|c| c.kernel_path());
     match name {
-        "auto" => Ok(train::auto_dtype(
-            ctx.device(),
-            ctx.cuda_ctx().map(|c| c.arch().0),
-        )),
-        "bf16" => Ok(llmft_tensor::DType::BF16),
+        "auto" => {
+            let dt = train::auto_dtype(ctx.device(), path.map(|p| p.path / 10));
+            if dt == llmft_tensor::DType::F16 {
+                announce_f16(path);
+            }
+            Ok(dt)
+        }
+        "bf16" => match path {
+            Some(p) if !p.has_bf16() => Err(bf16_refusal(&p)),
+            _ => Ok(llmft_tensor::DType::BF16),
+        },
         "f16" => Ok(llmft_tensor::DType::F16),
         "f32" => Ok(llmft_tensor::DType::F32),
         other => Err(format!(
             "model.dtype `{other}` is not one of auto, bf16, f16, f32"
         )),
+    }
+}
+
+/// Why `model.dtype = "bf16"` is refused on a kernel path without bf16.
+fn bf16_refusal(p: &llmft_kernels::arch::KernelPath) -> String {
+    let how = if p.forced {
+        format!(" (forced by LLMFT_KERNEL_ARCH={})", p.path)
+    } else {
+        String::new()
+    };
+    format!(
+        "model.dtype = \"bf16\" needs an sm_80 (Ampere) or newer kernel path, but this GPU \
+         takes the sm_{} path{how}: set model.dtype = \"f16\" (trained with dynamic loss \
+         scaling) or \"auto\"",
+        p.path
+    )
+}
+
+/// Says once that `auto` picked fp16 because the kernel path has no bf16.
+fn announce_f16(path: Option<llmft_kernels::arch::KernelPath>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if let Some(p) = path {
+        ONCE.call_once(|| {
+            eprintln!(
+                "model.dtype auto: fp16 compute with dynamic loss scaling (sm_{} path: no bf16 before sm_80)",
+                p.path
+            )
+        });
     }
 }
 

@@ -16,6 +16,26 @@ fn unknown_key_is_one_sentence_and_nonzero() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// `llmft env` names the binary's CUDA build (and, with a GPU, its kernel path).
+#[test]
+fn env_names_the_cuda_build() {
+    let (code, out, err) = llmft(&["env"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let want = if cfg!(feature = "cuda-12") {
+        "CUDA 12 build"
+    } else {
+        "CUDA 13 build"
+    };
+    assert!(
+        out.lines().next().is_some_and(|l| l.contains(want)),
+        "{out}"
+    );
+    assert!(out.contains("CUDA driver: "), "{out}");
+    if out.contains("GPUs: 0") {
+        assert!(!out.contains("kernels: sm_"), "{out}");
+    }
+}
+
 #[test]
 fn merge_exports_and_refuses_to_overwrite() {
     let out = std::env::temp_dir().join(format!("llmft-cli-merge-{}", std::process::id()));

@@ -173,6 +173,45 @@ fn cuda_f32_and_bf16_match_transformers() {
     }
 }
 
+/// The fp16 bound of one fixture: f16 keeps 3 more mantissa bits than
+/// bf16 (8× finer rounding), so its logits must be well inside
+/// transformers' own bf16 error (the CPU run: 0.09–0.15 of it).
+fn check_f16(kind: &str, ctx: &Ctx, packed: bool) {
+    let (el, eloss, eg) = check(kind, ctx, DType::F16, packed);
+    let hf = Reference::load(kind).meta["hf_bf16_logits_rel_l2"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        el <= 0.3 * hf,
+        "{kind} packed={packed}: f16 logits rel. L2 {el:.2e} > 0.3 × transformers' bf16 {hf:.2e}"
+    );
+    assert!(eloss < 1e-3, "{kind}: f16 loss rel. err {eloss:.2e}");
+    assert!(eg < 0.01, "{kind}: f16 gradient rel. L2 {eg:.2e}");
+}
+
+/// fp16 compute (the P40/V100 path) on the CPU against transformers' f32.
+#[test]
+fn cpu_f16_matches_transformers() {
+    let ctx = Ctx::cpu();
+    for kind in ["llama3", "qwen2", "qwen3"] {
+        for packed in [false, true] {
+            check_f16(kind, &ctx, packed);
+        }
+    }
+}
+
+/// fp16 compute on CUDA (on any kernel path, e.g. LLMFT_KERNEL_ARCH=70)
+/// against transformers' f32, with the bounds of the CPU run.
+#[test]
+fn cuda_f16_matches_transformers() {
+    let Some(ctx) = gpu() else { return };
+    for kind in ["llama3", "qwen2", "qwen3"] {
+        for packed in [false, true] {
+            check_f16(kind, &ctx, packed);
+        }
+    }
+}
+
 /// Gradient checkpointing recomputes the same gradients.
 #[test]
 fn checkpointing_gives_identical_gradients() {

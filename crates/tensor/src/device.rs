@@ -84,8 +84,10 @@ impl Ctx {
     /// CUDA device 0 when one is usable, else the CPU.
     pub fn best() -> Self {
         if cuda_device_count() > 0 {
-            if let Ok(c) = Self::cuda(0) {
-                return c;
+            match Self::cuda(0) {
+                Ok(c) => return c,
+                // E.g. a driver too old for this build: say why, once.
+                Err(e) => eprintln!("cuda:0 is not used ({e}); running on the CPU"),
             }
         }
         Self::cpu()

@@ -133,6 +133,17 @@ impl Trainer {
     /// with dynamic loss scaling (`init_loss_scale`, `loss_scale_window`).
     pub fn new(config: TrainConfig, model: &Model) -> Result<Self> {
         config.validate()?;
+        if let Some(cu) = model.ctx().cuda_ctx() {
+            if model.dtype() == DType::BF16 && !cu.has_bf16() {
+                let (maj, min) = cu.path_arch();
+                return Err(Error::Config(format!(
+                    "bf16 training needs an sm_80 (Ampere) or newer kernel path, but cuda:{} \
+                     takes the sm_{maj}{min} path: load the model in f16 (trained with dynamic \
+                     loss scaling)",
+                    cu.ordinal()
+                )));
+            }
+        }
         llmft_tensor::ops::set_deterministic_attention(config.deterministic);
         let mut optimizer = Optimizer::new(&config);
         if let Some(threads) = config.optimizer_on_host {

@@ -88,9 +88,28 @@ fn config(train_type: TrainType, hp: &Value) -> TrainConfig {
     }
 }
 
-/// Trains `mode` and returns the worst relative loss error over the steps.
+/// Trains `mode` on the CPU in f32 and returns the worst relative loss
+/// error over the steps.
 fn parity(mode: &str) -> f64 {
-    let ctx = Ctx::cpu();
+    parity_on(mode, &Ctx::cpu(), DType::F32)
+}
+
+/// The bounds of one dtype: (loss, grad norm, effect-of-training margin).
+fn bounds(dtype: DType) -> (f64, f64, f64) {
+    match dtype {
+        DType::F32 => (0.01, 1e-3, 100.0),
+        // fp16 weights and activations with dynamic loss scaling: the loss
+        // and the unscaled gradient norms within fp16 rounding (the CPU run
+        // stays under 3e-5 and 4e-4; the bounds leave the GPU's GEMMs room).
+        _ => (2e-3, 5e-3, 100.0),
+    }
+}
+
+/// Trains `mode` on `ctx` in `dtype` (f16: with dynamic loss scaling) and
+/// returns the worst relative loss error against PyTorch's f32 run.
+fn parity_on(mode: &str, ctx: &Ctx, dtype: DType) -> f64 {
+    let ctx = ctx.clone();
+    let (loss_tol, norm_tol, margin) = bounds(dtype);
     let dir = root().join("fixtures/parity").join(mode);
     let reference = read_json(&dir.join("losses.json"));
     let want: Vec<f64> = reference["losses"]
@@ -107,7 +126,7 @@ fn parity(mode: &str) -> f64 {
         .collect();
     let hp = &reference["hyperparameters"];
     let mut model =
-        Model::from_dir(&root().join("../models/fixtures/llama3"), &ctx, DType::F32).unwrap();
+        Model::from_dir(&root().join("../models/fixtures/llama3"), &ctx, dtype).unwrap();
     let train_type = match mode {
         "lora" => {
             let adapter = Adapter::load(&ctx, &dir, &model.linear_shapes()).unwrap();
@@ -121,16 +140,22 @@ fn parity(mode: &str) -> f64 {
         }
         _ => TrainType::Full,
     };
-    let mut trainer = Trainer::new(config(train_type, hp), &model).unwrap();
+    let mut cfg = config(train_type, hp);
+    // A start scale this small model's f16 gradients never overflow, so no
+    // step is skipped and the run follows PyTorch's step for step.
+    cfg.init_loss_scale = 1024.0;
+    let mut trainer = Trainer::new(cfg, &model).unwrap();
     let steps = batches(&ctx, &dir);
     assert_eq!(steps.len(), want.len());
     let (mut worst, mut worst_norm) = ((0.0f64, 0usize), 0.0f64);
     for (i, mut micro) in steps.into_iter().enumerate() {
         let s = trainer.step(&mut model, &mut micro).unwrap();
-        assert!(!s.skipped);
+        assert!(!s.skipped, "{mode} {dtype}: step {} skipped", i + 1);
+        assert_eq!(s.loss_scale.is_some(), dtype == DType::F16);
         let rel = (s.loss - want[i]).abs() / want[i].abs();
         println!(
-            "{mode} step {:2}: llmft {:.6} torch {:.6} rel {rel:.2e}  grad_norm {:.5} vs {:.5}",
+            "{mode} {dtype} {} step {:2}: llmft {:.6} torch {:.6} rel {rel:.2e}  grad_norm {:.5} vs {:.5}",
+            ctx.device(),
             i + 1,
             s.loss,
             want[i],
@@ -144,7 +169,7 @@ fn parity(mode: &str) -> f64 {
         worst_norm = worst_norm.max(rel_norm);
     }
     println!(
-        "{mode}: worst relative loss error {:.3e} (step {}), worst relative grad-norm error {worst_norm:.3e}",
+        "{mode} {dtype}: worst relative loss error {:.3e} (step {}), worst relative grad-norm error {worst_norm:.3e}",
         worst.0, worst.1
     );
     // The tolerance must be far tighter than the effect of training: the
@@ -163,17 +188,17 @@ fn parity(mode: &str) -> f64 {
     }
     println!("{mode}: largest relative effect of training on a step's loss {effect:.3e}");
     assert!(
-        effect > 100.0 * worst.0,
-        "{mode}: training moves the loss by {effect:.3e} only, error {:.3e}",
+        effect > margin * worst.0,
+        "{mode} {dtype}: training moves the loss by {effect:.3e} only, error {:.3e}",
         worst.0
     );
     assert!(
-        worst_norm < 1e-3,
-        "{mode}: gradient norms off by {worst_norm:.3e} relative"
+        worst_norm < norm_tol,
+        "{mode} {dtype}: gradient norms off by {worst_norm:.3e} relative"
     );
     assert!(
-        worst.0 < 0.01,
-        "{mode}: step {} loss off by {:.3e} relative",
+        worst.0 < loss_tol,
+        "{mode} {dtype}: step {} loss off by {:.3e} relative",
         worst.1,
         worst.0
     );
@@ -188,4 +213,38 @@ fn lora_matches_peft_every_step() {
 #[test]
 fn full_matches_pytorch_every_step() {
     parity("full");
+}
+
+/// The f16 loss-scaled path against PyTorch's f32 run, on the CPU (CI).
+#[test]
+fn lora_f16_matches_peft_every_step() {
+    parity_on("lora", &Ctx::cpu(), DType::F16);
+}
+
+#[test]
+fn full_f16_matches_pytorch_every_step() {
+    parity_on("full", &Ctx::cpu(), DType::F16);
+}
+
+fn gpu() -> Option<Ctx> {
+    if llmft_tensor::cuda_device_count() == 0 {
+        assert!(
+            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
+            "LLMFT_REQUIRE_GPU is set but no GPU was found"
+        );
+        eprintln!("skipping: no CUDA GPU");
+        return None;
+    }
+    Some(Ctx::cuda(0).unwrap())
+}
+
+/// The same runs on CUDA: f32, and f16 with loss scaling (on whichever
+/// kernel path the GPU takes, e.g. LLMFT_KERNEL_ARCH=70).
+#[test]
+fn cuda_f32_and_f16_match_pytorch_every_step() {
+    let Some(ctx) = gpu() else { return };
+    for mode in ["lora", "full"] {
+        parity_on(mode, &ctx, DType::F32);
+        parity_on(mode, &ctx, DType::F16);
+    }
 }

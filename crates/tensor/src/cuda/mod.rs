@@ -39,6 +39,27 @@ pub fn driver_version() -> Option<(i32, i32)> {
     Some((v / 1000, (v % 1000) / 10))
 }
 
+/// `cuDriverGetVersion` (`major*1000 + minor*10`) where libcuda loads,
+/// without initializing the driver or needing a device, so it answers on a
+/// machine whose driver is too old for this build.
+pub fn driver_version_code() -> Option<i32> {
+    // SAFETY: only tries to dlopen the library by its known names.
+    if !unsafe { dsys::is_culib_present() } {
+        return None;
+    }
+    let mut v = 0;
+    // SAFETY: the library loads; cuDriverGetVersion needs no cuInit and
+    // exists in every driver.
+    unsafe { dsys::cuDriverGetVersion(&mut v) }.result().ok()?;
+    Some(v)
+}
+
+/// Whether cuBLASLt (`libcublasLt.so`) can be loaded (GEMMs need it).
+pub fn cublaslt_present() -> bool {
+    // SAFETY: only probes whether the library can be opened.
+    unsafe { cudarc::cublaslt::sys::is_culib_present() }
+}
+
 /// The NCCL library's version as `(major, minor, patch)`, or `None` where
 /// `libnccl.so` cannot be loaded.
 pub fn nccl_version() -> Option<(i32, i32, i32)> {
@@ -58,6 +79,8 @@ pub fn nccl_version() -> Option<(i32, i32, i32)> {
 pub struct CudaCtx {
     ordinal: usize,
     arch: (u32, u32),
+    path: llmft_kernels::arch::KernelPath,
+    smem_optin: usize,
     sms: usize,
     context: Arc<CudaContext>,
     compute: Arc<CudaStream>,
@@ -93,6 +116,13 @@ impl CudaCtx {
                 "the CUDA driver library (libcuda.so) was not found or reports no device".into(),
             ));
         }
+        if let Some(v) = driver_version_code() {
+            if let Some(advice) =
+                llmft_kernels::cuda_build::driver_advice(llmft_kernels::cuda_build::BUILD, v)
+            {
+                return Err(Error::NoCuda(advice));
+            }
+        }
         if ordinal >= n {
             return Err(Error::NoCuda(format!(
                 "device cuda:{ordinal} asked for, but only {n} device(s) exist"
@@ -111,6 +141,13 @@ impl CudaCtx {
         let sms = context
             .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))? as usize;
+        let smem_optin = context
+            .attribute(
+                dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| Error::cuda("cuDeviceGetAttribute", e))? as usize;
+        let path = llmft_kernels::arch::KernelPath::from_env((maj as u32, min as u32))?;
+        announce_path(&path);
         let alloc = Arc::new(CachingAllocator::new(
             context.clone(),
             ordinal,
@@ -120,6 +157,8 @@ impl CudaCtx {
             ordinal,
             sms,
             arch: (maj as u32, min as u32),
+            path,
+            smem_optin,
             context,
             compute,
             copy,
@@ -141,6 +180,30 @@ impl CudaCtx {
     /// Compute capability `(major, minor)`.
     pub fn arch(&self) -> (u32, u32) {
         self.arch
+    }
+
+    /// The code path the kernels take here: the device's compute capability,
+    /// or an older one forced with `LLMFT_KERNEL_ARCH` (see
+    /// [`llmft_kernels::arch`]).
+    pub fn kernel_path(&self) -> llmft_kernels::arch::KernelPath {
+        self.path
+    }
+
+    /// The architecture of [`CudaCtx::kernel_path`] as `(major, minor)`:
+    /// what dtype and kernel choices go by (bf16 needs `(8, 0)`).
+    pub fn path_arch(&self) -> (u32, u32) {
+        (self.path.path / 10, self.path.path % 10)
+    }
+
+    /// Whether bf16 compute is available on this context's kernel path.
+    pub fn has_bf16(&self) -> bool {
+        self.path.has_bf16()
+    }
+
+    /// The most dynamic shared memory one block may use on this context's
+    /// kernel path (the device's opt-in limit, or the forced path's if less).
+    pub fn max_shared_per_block(&self) -> usize {
+        self.path.max_shared_per_block(self.smem_optin)
     }
 
     /// Number of streaming multiprocessors.
@@ -244,7 +307,10 @@ impl CudaCtx {
             if guard.is_none() {
                 *guard = Some(llmft_kernels::Compiler::new(Default::default())?);
             }
-            guard.as_ref().unwrap().compile(src, self.arch)?
+            guard
+                .as_ref()
+                .unwrap()
+                .compile_path(src, self.arch, self.path.path)?
         };
         let m = self
             .context
@@ -270,6 +336,17 @@ impl CudaCtx {
     /// Device of this context.
     pub fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
+    }
+}
+
+/// Prints the kernel path once per process (to stderr): which fallbacks the
+/// kernels take on this GPU, and whether bf16 compute is available.
+fn announce_path(path: &llmft_kernels::arch::KernelPath) {
+    static SEEN: Mutex<Vec<llmft_kernels::arch::KernelPath>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    if !seen.contains(path) {
+        seen.push(*path);
+        eprintln!("{}", path.describe());
     }
 }
 

@@ -39,7 +39,35 @@ const THREADS: u32 = 128;
 pub fn flash_attn_supported(ctx: &Ctx, dtype: DType, head_dim: usize) -> bool {
     match ctx.cuda_ctx() {
         None => FLOATS.contains(&dtype),
-        Some(_) => matches!(dtype, DType::BF16 | DType::F16) && CUDA_HEAD_DIMS.contains(&head_dim),
+        Some(cu) => {
+            matches!(dtype, DType::BF16 | DType::F16)
+                && CUDA_HEAD_DIMS.contains(&head_dim)
+                && smem_need(head_dim) <= cu.max_shared_per_block()
+        }
+    }
+}
+
+/// The dynamic shared memory of the FA2 forward kernel for head dim `d`.
+fn fwd_smem(d: usize) -> usize {
+    // Key tiles of 64 for head dim 64, 32 for 128 (flash_attn.cu).
+    let bn = if d > 64 { 32 } else { 64 };
+    (128 + 2 * bn) * (d + 8) * 2 + bn * 4
+}
+
+/// The dynamic shared memory of the FA2 backward kernel for head dim `d`.
+fn bwd_smem(d: usize) -> usize {
+    (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 6 * 64 * 4
+}
+
+/// The most dynamic shared memory a block of head dim `d`'s kernels takes
+/// (0 for the first kernels, which use static memory under 48 KB). GPUs
+/// whose kernel path allows less (sm_86/89 and older for head dim 128,
+/// sm_75 and older for 64) take the materialized attention instead.
+fn smem_need(d: usize) -> usize {
+    if tiled2(d) {
+        fwd_smem(d).max(bwd_smem(d))
+    } else {
+        0
     }
 }
 
@@ -149,9 +177,7 @@ fn tiled2(d: usize) -> bool {
 /// segment ids in dynamic shared memory.
 fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
     if tiled2(dm.d) {
-        // Key tiles of 64 for head dim 64, 32 for 128 (flash_attn.cu).
-        let bn = if dm.d > 64 { 32 } else { 64 };
-        let smem = (128 + 2 * bn) * (dm.d + 8) * 2 + bn * 4;
+        let smem = fwd_smem(dm.d);
         return Launch {
             name: FWD2[ki],
             cfg: LaunchConfig {
@@ -172,7 +198,7 @@ fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
 /// (64 keys per block of 128 threads, static memory, with the first kernels).
 fn bwd_launch(ki: usize, dm: &Dims) -> Launch {
     if tiled2(dm.d) {
-        let smem = (2 * 128 + 4 * 64) * (dm.d + 8) * 2 + 128 * 72 * 2 + 6 * 64 * 4;
+        let smem = bwd_smem(dm.d);
         return Launch {
             name: BWD2[ki],
             cfg: LaunchConfig {
@@ -192,6 +218,21 @@ fn bwd_launch(ki: usize, dm: &Dims) -> Launch {
 fn allow_smem(cu: &crate::cuda::CudaCtx, l: &Launch) -> Result<()> {
     if l.cfg.shared_mem_bytes == 0 {
         return Ok(());
+    }
+    let max = cu.max_shared_per_block();
+    if l.cfg.shared_mem_bytes as usize > max {
+        return Err(Error::Invalid {
+            op: "flash_attn",
+            msg: format!(
+                "{} needs {} KiB of shared memory per block but the sm_{}{} kernel path allows \
+                 {} KiB (see flash_attn_supported: the materialized attention runs instead)",
+                l.name,
+                l.cfg.shared_mem_bytes / 1024,
+                cu.path_arch().0,
+                cu.path_arch().1,
+                max / 1024
+            ),
+        });
     }
     cu.function("flash_attn", l.name)?
         .set_attribute(

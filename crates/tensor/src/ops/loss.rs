@@ -190,7 +190,8 @@ fn rows_ce(
             .iter()
             .copied()
             .find(|&k| v <= CE_CLUSTER * CE_THREADS * 4 * k);
-        let clustered = cu.arch() >= (9, 0) && aligned && rows <= (i32::MAX as usize) / CE_CLUSTER;
+        let clustered =
+            cu.path_arch() >= (9, 0) && aligned && rows <= (i32::MAX as usize) / CE_CLUSTER;
         let (name, blocks) = match (clustered, k) {
             (true, Some(k)) => (
                 match k {
