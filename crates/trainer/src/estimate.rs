@@ -487,6 +487,13 @@ pub fn estimate(job: &JobSpec) -> Estimate {
         let mut down = base.clone();
         down.add(row(f)); // dact
         down.0 += transient_w;
+        let mut gate_up = base.clone();
+        gate_up.n(2, row(f)).add(row(h)); // dgate, dup, dh2
+        if dora {
+            // DoRA's backward of gate/up_proj: three [N, out] temporaries.
+            gate_up.n(3, row(f));
+        }
+        gate_up.0 += transient_w;
         let mut attn = base.clone();
         attn.n(2, row(h)) // dh2, dx2
             .add(row(q)) // dattn
@@ -500,7 +507,7 @@ pub fn estimate(job: &JobSpec) -> Estimate {
             .n(3, row(kv)) // dq, dk, dv and their RoPE gradients
             .n(2, row(h)); // dh1, dx
         proj.0 += transient_w;
-        w + [swiglu.0, down.0, attn.0, proj.0]
+        w + [swiglu.0, down.0, gate_up.0, attn.0, proj.0]
             .into_iter()
             .max()
             .unwrap_or(0)
