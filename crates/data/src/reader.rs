@@ -72,6 +72,8 @@ struct LineRecords {
     reader: BufReader<File>,
     mode: LineMode,
     line: u64,
+    /// File offset of the start of `buf`.
+    pos: u64,
     buf: Vec<u8>,
     done: bool,
 }
@@ -84,6 +86,7 @@ impl LineRecords {
             reader: BufReader::with_capacity(1 << 16, file),
             mode,
             line: 0,
+            pos: 0,
             buf: Vec::new(),
             done: false,
         })
@@ -98,18 +101,23 @@ impl Iterator for LineRecords {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
                 Ok(0) => self.done = true,
-                Ok(_) => {
+                Ok(n) => {
                     self.line += 1;
+                    let start = self.pos;
+                    self.pos += n as u64;
                     let at = Location {
                         path: self.path.clone(),
                         line: self.line,
                     };
-                    let line = self.buf.trim_ascii();
-                    if line.is_empty() {
+                    if self.buf.trim_ascii().is_empty() {
                         continue;
                     }
+                    let text = match std::str::from_utf8(&self.buf) {
+                        Ok(s) => s.trim_ascii(),
+                        Err(e) => return Some(Err(not_utf8(&self.buf, &e, at, start))),
+                    };
                     return Some(match &self.mode {
-                        LineMode::Json => serde_json::from_slice(line)
+                        LineMode::Json => serde_json::from_str(text)
                             .map(|value| Record {
                                 at: at.clone(),
                                 value,
@@ -118,21 +126,14 @@ impl Iterator for LineRecords {
                                 at,
                                 message: json_message(&e).1,
                             }),
-                        LineMode::Text(col) => match std::str::from_utf8(line) {
-                            Ok(s) => {
-                                let mut m = serde_json::Map::new();
-                                m.insert(col.clone(), Value::String(s.to_string()));
-                                Ok(Record {
-                                    at,
-                                    value: Value::Object(m),
-                                })
-                            }
-                            Err(e) => Err(Error::field(
-                                &at,
-                                col.as_str(),
-                                format!("invalid UTF-8: {e}"),
-                            )),
-                        },
+                        LineMode::Text(col) => {
+                            let mut m = serde_json::Map::new();
+                            m.insert(col.clone(), Value::String(text.to_string()));
+                            Ok(Record {
+                                at,
+                                value: Value::Object(m),
+                            })
+                        }
                     });
                 }
                 Err(e) => {
@@ -151,6 +152,8 @@ struct JsonArrayRecords {
     path: Arc<Path>,
     reader: BufReader<File>,
     line: u64,
+    /// File offset of the next unread byte.
+    pos: u64,
     state: ArrayState,
     elem: Vec<u8>,
 }
@@ -169,6 +172,7 @@ impl JsonArrayRecords {
             path,
             reader,
             line: 1,
+            pos: 0,
             state: ArrayState::Start,
             elem: Vec::new(),
         }
@@ -180,6 +184,7 @@ impl JsonArrayRecords {
 
     fn bump(&mut self) {
         self.reader.consume(1);
+        self.pos += 1;
     }
 
     fn skip_ws(&mut self) -> std::io::Result<Option<u8>> {
@@ -245,6 +250,7 @@ impl JsonArrayRecords {
             }
             self.elem.extend_from_slice(&buf[..used]);
             self.reader.consume(used);
+            self.pos += used as u64;
             if finished {
                 return Ok(());
             }
@@ -303,12 +309,17 @@ impl Iterator for JsonArrayRecords {
                         path: self.path.clone(),
                         line: self.line,
                     };
+                    let start = self.pos;
                     if let Err(e) = self.scan_element() {
                         return io(self, e);
                     }
                     self.state = ArrayState::Next;
+                    let text = match std::str::from_utf8(&self.elem) {
+                        Ok(s) => s,
+                        Err(e) => return Some(Err(not_utf8(&self.elem, &e, at, start))),
+                    };
                     return Some(
-                        serde_json::from_slice(&self.elem)
+                        serde_json::from_str(text)
                             .map(|value| Record {
                                 at: at.clone(),
                                 value,
@@ -327,6 +338,28 @@ impl Iterator for JsonArrayRecords {
                 }
             }
         }
+    }
+}
+
+/// The error for `bytes` (read from `start` in the file, beginning on
+/// `at.line`) failing UTF-8 validation: the line of the bad byte and its
+/// offsets in that line and in the file.
+fn not_utf8(bytes: &[u8], e: &std::str::Utf8Error, at: Location, start: u64) -> Error {
+    let bad = e.valid_up_to();
+    let before = &bytes[..bad];
+    let newlines = before.iter().filter(|&&b| b == b'\n').count() as u64;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    Error::NotUtf8 {
+        at: Location {
+            line: at.line + newlines,
+            ..at
+        },
+        byte: bytes[bad],
+        offset: (bad - line_start) as u64,
+        file_offset: start + bad as u64,
     }
 }
 
