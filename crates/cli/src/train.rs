@@ -284,6 +284,11 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         resume,
         progress: true,
         quiet: args.quiet,
+        title: Some(if is_demo {
+            "llmft demo model".to_string()
+        } else {
+            s.model.path.clone()
+        }),
         dist: job.as_ref().map(|j| {
             llmft_trainer::DataParallel::new(j.group.clone())
                 .with_sharded_optimizer(j.strategy != crate::config::Strategy::NoShard)
