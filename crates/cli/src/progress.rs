@@ -88,12 +88,21 @@ impl Reporter {
     }
 }
 
-/// Reporter of model loads (set as `llmft_models`' load hook): tensors,
-/// GB read, GB/s and ETA.
+/// Reporter of model loads and exports (set as `llmft_models`' hook):
+/// tensors, GB read or written, GB/s and ETA.
 pub fn install_load_progress(quiet: bool) {
-    let rep = Mutex::new(Reporter::new("loading weights", quiet));
+    let rep: Mutex<Option<Reporter>> = Mutex::new(None);
     llmft_models::set_load_progress(Some(Box::new(move |s: llmft_models::LoadStatus| {
-        let Ok(mut r) = rep.lock() else { return };
+        let Ok(mut slot) = rep.lock() else { return };
+        let label = if s.writing {
+            "writing merged model"
+        } else {
+            "loading weights"
+        };
+        let r = match slot.as_mut() {
+            Some(r) if r.label == label => r,
+            _ => slot.insert(Reporter::new(label, quiet)),
+        };
         let secs = r.started.elapsed().as_secs_f64().max(1e-6);
         let gb = s.bytes as f64 / 1e9;
         let detail = format!(", {gb:.2} GB, {:.2} GB/s", gb / secs);
@@ -106,8 +115,8 @@ pub fn install_load_progress(quiet: bool) {
             done,
         );
         if done {
-            // The next load (a merge loads twice) reports afresh.
-            *r = Reporter::new("loading weights", quiet);
+            // The next load or export reports afresh.
+            *slot = None;
         }
     })));
 }

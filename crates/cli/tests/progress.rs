@@ -24,12 +24,12 @@ fn llmft_piped(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// The `loading weights:` lines: each is `P% D/T tensors, G GB, R GB/s, Ns`
+/// The `<prefix>` lines (`loading weights: `): each is `P% D/T tensors, G GB, R GB/s, Ns`
 /// with P = 100·D/T; the last says 100%. Returns how many there were.
-fn check_loading(stderr: &str, what: &str) -> usize {
+fn check_lines(stderr: &str, prefix: &str, what: &str) -> usize {
     let lines: Vec<&str> = stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("loading weights: "))
+        .filter_map(|l| l.strip_prefix(prefix))
         .collect();
     assert!(
         lines.len() >= 2,
@@ -71,7 +71,7 @@ fn long_subcommands_report_line_based_progress_off_a_terminal() {
     let (code, so, se) = llmft_piped(&["train", "--max-steps", "4", "--output-dir", &out_s]);
     assert_eq!(code, 0, "{so}\n{se}");
     no_carriage_returns(&so, &se, "train");
-    check_loading(&se, "train");
+    check_lines(&se, "loading weights: ", "train");
     let tok: Vec<&str> = se
         .lines()
         .filter(|l| l.starts_with("tokenizing: "))
@@ -101,7 +101,7 @@ fn long_subcommands_report_line_based_progress_off_a_terminal() {
     let (code, so, se) = llmft_piped(&["quantize", "--out", &q, "--set", &model]);
     assert_eq!(code, 0, "{so}\n{se}");
     no_carriage_returns(&so, &se, "quantize");
-    check_loading(&se, "quantize");
+    check_lines(&se, "loading weights: ", "quantize");
     // merge: loading the base, then writing the merged model.
     let m = dir.join("m").display().to_string();
     let adapter = out.join("adapter").display().to_string();
@@ -109,7 +109,9 @@ fn long_subcommands_report_line_based_progress_off_a_terminal() {
         llmft_piped(&["merge", "--adapter", &adapter, "--out", &m, "--set", &model]);
     assert_eq!(code, 0, "{so}\n{se}");
     no_carriage_returns(&so, &se, "merge");
-    check_loading(&se, "merge");
+    check_lines(&se, "loading weights: ", "merge");
+    check_lines(&se, "writing merged model: ", "merge");
+    assert!(Path::new(&m).join("config.json").is_file());
     // data inspect tokenizes the whole dataset for its statistics.
     let train = format!(
         "data.train=[\"{}\"]",

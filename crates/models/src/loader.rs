@@ -81,8 +81,12 @@ pub struct LoadStatus {
     pub tensors: usize,
     /// Tensors of the whole model.
     pub total_tensors: usize,
-    /// Bytes of weights read (or, for random weights, drawn) so far.
+    /// Bytes of weights read (or, for random weights, drawn; when
+    /// `writing`, written) so far.
     pub bytes: u64,
+    /// Whether this is an export writing a (merged) model rather than a
+    /// load.
+    pub writing: bool,
 }
 
 /// A function told each [`LoadStatus`] of every model load in the process.
@@ -98,7 +102,7 @@ pub fn set_load_progress(hook: Option<LoadHook>) {
     }
 }
 
-fn report_load(status: LoadStatus) {
+pub(crate) fn report_load(status: LoadStatus) {
     if let Ok(h) = LOAD_HOOK.read() {
         if let Some(f) = h.as_ref() {
             f(status);
@@ -106,7 +110,7 @@ fn report_load(status: LoadStatus) {
     }
 }
 
-fn total_tensors(config: &ModelConfig) -> usize {
+pub(crate) fn total_tensors(config: &ModelConfig) -> usize {
     (0..config.num_units())
         .map(|u| config.unit_tensors(u).len())
         .sum()
@@ -302,6 +306,7 @@ pub fn load_into(
         tensors: 0,
         total_tensors: total_tensors(config),
         bytes: 0,
+        writing: false,
     };
     for unit in Unit::all(config.num_layers) {
         let wanted = config.unit_tensors(unit.index(config.num_units()));
@@ -404,6 +409,7 @@ pub fn random_into(
         tensors: 0,
         total_tensors: total_tensors(config),
         bytes: 0,
+        writing: false,
     };
     for unit in Unit::all(config.num_layers) {
         let u = unit.index(config.num_units());
