@@ -108,7 +108,7 @@ fn chat(turns: &[(&str, &str)]) -> serde_json::Value {
 fn cut_records_encode_as_the_whole_record_would() {
     let cutoff = 256;
     let big = prose(1 << 20, 1);
-    let records = vec![
+    let records = [
         chat(&[("user", "hi"), ("assistant", "hello there")]),
         // Fits only with its first turns: whole turns are dropped.
         chat(&[
