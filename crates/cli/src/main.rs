@@ -13,6 +13,7 @@ mod dist;
 mod estimate;
 mod launch;
 mod offload_plan;
+mod progress;
 mod shape;
 mod train;
 
@@ -509,7 +510,9 @@ fn generate(g: &GenerateArgs<'_>, s: &config::Settings) -> Result<(), String> {
 fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
     let dir = model_dir(s)?;
     let tok = llmft_data::ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
-    let pipeline = llmft_data::Pipeline::new(s.data.clone(), tok).map_err(|e| e.to_string())?;
+    let pipeline = llmft_data::Pipeline::new(s.data.clone(), tok)
+        .map_err(|e| e.to_string())?
+        .with_progress(progress::data_progress(false));
     if s.data.train.is_empty() {
         return Err(
             "set data.train to at least one dataset (a file, folder, glob or dataset id)".into(),
@@ -520,13 +523,15 @@ fn data_inspect(n: usize, s: &config::Settings) -> Result<(), String> {
             println!("== {at}\n{view}\n");
         }
     }
-    let data = pipeline.load().map_err(|e| e.to_string())?;
-    println!("{}", data.train.stats());
+    let data = pipeline.load().map_err(|e| e.to_string());
+    progress::end_line();
+    println!("{}", data?.train.stats());
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    progress::install_load_progress(matches!(&cli.command, Some(Command::Train(a)) if a.quiet));
     let result = match cli
         .command
         .unwrap_or(Command::Train(train::TrainArgs::default()))

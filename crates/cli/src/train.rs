@@ -206,8 +206,12 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     ));
 
     let tok = ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
-    let pipeline = Pipeline::new(s.data.clone(), tok).map_err(|e| e.to_string())?;
-    let data = pipeline.load().map_err(|e| e.to_string())?;
+    let pipeline = Pipeline::new(s.data.clone(), tok)
+        .map_err(|e| e.to_string())?
+        .with_progress(crate::progress::data_progress(args.quiet));
+    let data = pipeline.load().map_err(|e| e.to_string());
+    crate::progress::end_line();
+    let data = data?;
     say(format!("data: {}", data.report));
     say(format!("train: {}", data.train.stats()));
     if let Some(v) = &data.validation {
@@ -284,6 +288,11 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         resume,
         progress: true,
         quiet: args.quiet,
+        title: Some(if is_demo {
+            "llmft demo model".to_string()
+        } else {
+            s.model.path.clone()
+        }),
         dist: job.as_ref().map(|j| {
             llmft_trainer::DataParallel::new(j.group.clone())
                 .with_sharded_optimizer(j.strategy != crate::config::Strategy::NoShard)

@@ -8,7 +8,7 @@ use crate::config::{DataConfig, DatasetSpec, ValidationConfig};
 use crate::encode::{EncodedExample, Encoder, IGNORE_INDEX};
 use crate::error::{Error, Location, Result};
 use crate::format::RecordFormat;
-use crate::reader::{read_file, Record};
+use crate::reader::{read_file_bounded, Record};
 use crate::rng::SplitMix64;
 use crate::source::resolve;
 use crate::tokenizer::ModelTokenizer;
@@ -220,7 +220,20 @@ pub struct Prepared {
 pub struct Pipeline {
     config: DataConfig,
     encoder: Encoder,
+    progress: Option<Progress>,
 }
+
+struct Progress(ProgressFn);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<progress fn>")
+    }
+}
+
+/// Told the records read so far (and the examples made of them) after
+/// every chunk of records [`Pipeline::load`] encodes.
+pub type ProgressFn = Box<dyn Fn(&LoadReport) + Send + Sync>;
 
 impl Pipeline {
     /// Check `config` and build the encoder (template + tokenizer).
@@ -247,7 +260,18 @@ impl Pipeline {
             }
         }
         let encoder = Encoder::new(&config, tokenizer)?;
-        Ok(Pipeline { config, encoder })
+        Ok(Pipeline {
+            config,
+            encoder,
+            progress: None,
+        })
+    }
+
+    /// Calls `f` with the load report after every chunk of records
+    /// [`Pipeline::load`] encodes (a progress display).
+    pub fn with_progress(mut self, f: ProgressFn) -> Self {
+        self.progress = Some(Progress(f));
+        self
     }
 
     /// The configuration.
@@ -302,7 +326,11 @@ impl Pipeline {
             let format = RecordFormat::new(spec);
             let mut remaining = spec.max_samples.unwrap_or(usize::MAX);
             for file in resolve(&spec.path, spec.split.as_deref())? {
-                let mut records = read_file(&file, format.text_column())?;
+                let mut records = read_file_bounded(
+                    &file,
+                    format.text_column(),
+                    self.encoder.max_useful_bytes(),
+                )?;
                 while remaining > 0 {
                     let chunk: Vec<Result<Record>> =
                         records.by_ref().take(CHUNK.min(remaining)).collect();
@@ -333,6 +361,9 @@ impl Pipeline {
                             }
                             Err(e) => return Err(e),
                         }
+                    }
+                    if let Some(p) = &self.progress {
+                        (p.0)(report);
                     }
                 }
             }

@@ -41,6 +41,10 @@ pub struct TokenizedChat {
     pub turn_ends: Vec<usize>,
 }
 
+fn tokenizer_bytes(t: &ModelTokenizer) -> usize {
+    t.longest_token_bytes()
+}
+
 /// Turns [`Example`]s into [`EncodedExample`]s: template, tokenize, mask,
 /// truncate.
 ///
@@ -70,6 +74,39 @@ pub struct Encoder {
     template: ChatTemplate,
     cutoff_len: usize,
     train_on_prompt: bool,
+    /// [`ModelTokenizer::longest_token_bytes`].
+    token_bytes: usize,
+}
+
+/// Tokens tokenized past `cutoff_len` when a long chat is cut before
+/// tokenizing, so that the tokens kept do not depend on where the text was
+/// cut (a pre-tokenizer or BPE merge only looks a few characters ahead).
+pub const CUT_SLACK_TOKENS: usize = 64;
+
+/// Text examples longer than this many bytes are tokenized in pieces of
+/// about this size (split at a line break or space), which bounds the
+/// tokenizer's working memory.
+pub const TEXT_PIECE_BYTES: usize = 64 << 10;
+
+/// The largest char boundary of `s` at or below `at`, moved back to just
+/// after a whitespace character when one lies in the last quarter.
+fn cut_point(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    let mut end = at;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let floor = end - end / 4;
+    let b = s.as_bytes();
+    if let Some(p) = b[floor..end].iter().rposition(|&c| c == b'\n') {
+        return floor + p + 1;
+    }
+    if let Some(p) = b[floor..end].iter().rposition(|c| c.is_ascii_whitespace()) {
+        return floor + p + 1;
+    }
+    end
 }
 
 impl Encoder {
@@ -80,11 +117,20 @@ impl Encoder {
         }
         let template = ChatTemplate::from_config(&config.template, &tokenizer)?;
         Ok(Encoder {
-            tokenizer,
             template,
             cutoff_len: config.cutoff_len,
             train_on_prompt: config.train_on_prompt,
+            token_bytes: tokenizer_bytes(&tokenizer),
+            tokenizer,
         })
+    }
+
+    /// Bytes of a string field worth keeping: any text past this many bytes
+    /// of a rendered chat lies beyond `cutoff_len` tokens plus the slack, so
+    /// readers may cut longer strings (except text examples', whose tokens
+    /// are all used) without changing what is trained.
+    pub fn max_useful_bytes(&self) -> usize {
+        (self.cutoff_len + CUT_SLACK_TOKENS).saturating_mul(self.token_bytes)
     }
 
     /// The tokenizer.
@@ -166,12 +212,45 @@ impl Encoder {
         })
     }
 
+    /// Tokenizes `rendered`, or only as much of its start as `cutoff_len`
+    /// can use: a prefix is tried (8 bytes a token, growing fourfold) until
+    /// it yields `cutoff_len` + [`CUT_SLACK_TOKENS`] tokens, and at most
+    /// [`Encoder::max_useful_bytes`] are tokenized, which always yields that
+    /// many. Texts shorter than the first prefix are tokenized whole, so
+    /// every example that fits encodes exactly as before.
+    fn tokenize_bounded(&self, rendered: &RenderedChat) -> Result<TokenizedChat> {
+        let want = self.cutoff_len + CUT_SLACK_TOKENS;
+        let bound = self.max_useful_bytes();
+        let mut try_bytes = want.saturating_mul(8).min(bound);
+        loop {
+            if rendered.text.len() <= try_bytes {
+                return self.tokenize_chat(rendered);
+            }
+            let cut = cut_point(&rendered.text, try_bytes);
+            let prefix = RenderedChat {
+                text: rendered.text[..cut].to_string(),
+                spans: rendered
+                    .spans
+                    .iter()
+                    .filter(|r| r.start < cut)
+                    .map(|r| r.start..r.end.min(cut))
+                    .collect(),
+                rule: rendered.rule,
+            };
+            let t = self.tokenize_chat(&prefix)?;
+            if t.ids.len() >= want || try_bytes >= bound {
+                return Ok(t);
+            }
+            try_bytes = try_bytes.saturating_mul(4).min(bound);
+        }
+    }
+
     fn encode_chat(&self, rendered: &RenderedChat) -> Result<Option<EncodedExample>> {
         let TokenizedChat {
             mut ids,
             mut trained,
             turn_ends,
-        } = self.tokenize_chat(rendered)?;
+        } = self.tokenize_bounded(rendered)?;
         let truncated = ids.len() > self.cutoff_len;
         if truncated {
             let keep = turn_ends
@@ -201,8 +280,35 @@ impl Encoder {
         }))
     }
 
+    /// Token ids of a text example: whole when short, else in pieces of
+    /// about [`TEXT_PIECE_BYTES`] cut after a line break or space (the
+    /// post-processor's tokens come from the first piece only).
+    fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() <= TEXT_PIECE_BYTES {
+            return Ok(self.tokenizer.encode(text, true)?.0);
+        }
+        let mut ids = Vec::new();
+        let mut rest = text;
+        let mut first = true;
+        while !rest.is_empty() {
+            let cut = cut_point(rest, TEXT_PIECE_BYTES).max(1);
+            let cut = (cut..=rest.len())
+                .find(|&c| rest.is_char_boundary(c))
+                .unwrap_or(rest.len());
+            let (mut piece, _) = self.tokenizer.encode(&rest[..cut], first)?;
+            if first && cut < rest.len() && piece.last() == self.tokenizer.eos_id().as_ref() {
+                // A post-processor that ends a text with eos: once, at the end.
+                piece.pop();
+            }
+            ids.extend_from_slice(&piece);
+            rest = &rest[cut..];
+            first = false;
+        }
+        Ok(ids)
+    }
+
     fn encode_text(&self, text: &str) -> Result<Vec<EncodedExample>> {
-        let (mut ids, _) = self.tokenizer.encode(text, true)?;
+        let mut ids = self.text_ids(text)?;
         if let Some(eos) = self.tokenizer.eos_id() {
             if ids.last() != Some(&eos) {
                 ids.push(eos);

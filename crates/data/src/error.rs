@@ -43,6 +43,19 @@ pub enum Error {
         /// What the JSON parser said.
         message: String,
     },
+    /// A line (or JSON array element) holds a byte sequence that is not
+    /// UTF-8.
+    #[error("{at}: byte 0x{byte:02x} at byte offset {offset} of the line (byte {file_offset} of the file) is not valid UTF-8; the file must be UTF-8 text")]
+    NotUtf8 {
+        /// The record (its line is the line of the bad byte).
+        at: Location,
+        /// The bad byte.
+        byte: u8,
+        /// 0-based offset of the byte within its line.
+        offset: u64,
+        /// 0-based offset of the byte within the file.
+        file_offset: u64,
+    },
     /// A record has a missing or mistyped field, or a value the format rejects.
     #[error("{at}: field `{field}`: {message}")]
     Field {
@@ -134,9 +147,10 @@ impl Error {
     /// Errors with a location are the ones `skip_bad_records` may skip.
     pub fn location(&self) -> Option<&Location> {
         match self {
-            Error::Json { at, .. } | Error::Field { at, .. } | Error::TemplateRender { at, .. } => {
-                Some(at)
-            }
+            Error::Json { at, .. }
+            | Error::Field { at, .. }
+            | Error::TemplateRender { at, .. }
+            | Error::NotUtf8 { at, .. } => Some(at),
             _ => None,
         }
     }

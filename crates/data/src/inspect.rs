@@ -8,7 +8,7 @@ use crate::dataset::Pipeline;
 use crate::encode::{EncodedExample, IGNORE_INDEX};
 use crate::error::{Location, Result};
 use crate::format::RecordFormat;
-use crate::reader::read_file;
+use crate::reader::read_file_bounded;
 use crate::source::resolve;
 use crate::tokenizer::ModelTokenizer;
 
@@ -82,7 +82,11 @@ impl Pipeline {
         let format = RecordFormat::new(spec);
         let mut out = Vec::new();
         for file in resolve(&spec.path, spec.split.as_deref())? {
-            for rec in read_file(&file, format.text_column())? {
+            for rec in read_file_bounded(
+                &file,
+                format.text_column(),
+                self.encoder().max_useful_bytes(),
+            )? {
                 if out.len() >= n {
                     return Ok(out);
                 }

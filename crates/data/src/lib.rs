@@ -58,12 +58,14 @@ pub use config::{
     BatchConfig, Columns, CustomTemplate, DataConfig, DatasetSpec, Format, Tags, TemplateConfig,
     ValidationConfig,
 };
-pub use dataset::{DatasetStats, LoadReport, Pipeline, Prepared, TokenizedDataset};
-pub use encode::{EncodedExample, Encoder, TokenizedChat, IGNORE_INDEX};
+pub use dataset::{DatasetStats, LoadReport, Pipeline, Prepared, ProgressFn, TokenizedDataset};
+pub use encode::{
+    EncodedExample, Encoder, TokenizedChat, CUT_SLACK_TOKENS, IGNORE_INDEX, TEXT_PIECE_BYTES,
+};
 pub use error::{Error, Location, Result};
 pub use format::{Conversation, Example, Message, RecordFormat, Role};
 pub use inspect::{ExampleView, TRAINED_CLOSE, TRAINED_OPEN};
-pub use reader::{read_file, Record, RecordIter};
+pub use reader::{read_file, read_file_bounded, Record, RecordIter};
 pub use rng::SplitMix64;
 pub use source::{hub_cache_dir, hub_snapshot, resolve, FileKind};
 pub use template::{builtin, ChatTemplate, JinjaTemplate, MaskRule, RenderedChat, SegmentTemplate};

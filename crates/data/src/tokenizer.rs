@@ -191,6 +191,20 @@ impl ModelTokenizer {
         self.chat_template_origin.as_deref()
     }
 
+    /// An upper bound on the bytes of text one token covers: the longest
+    /// vocabulary entry in UTF-8 bytes (byte-level and SentencePiece
+    /// spellings are never shorter than the text they stand for), at least
+    /// 4 (one character).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0)
+            .max(4)
+    }
+
     /// Token ids and byte offsets of `text`. `add_special_tokens` runs the
     /// tokenizer's post-processor (which may add a bos); chat text is
     /// encoded without it because templates write their own special tokens.

@@ -214,3 +214,68 @@ fn missing_source_and_bad_config_are_clear() {
     let bad: Result<DataConfig, _> = serde_json::from_value(serde_json::json!({ "cutof_len": 10 }));
     assert!(bad.unwrap_err().to_string().contains("cutof_len"));
 }
+
+#[test]
+fn a_byte_that_is_not_utf8_is_named_with_its_offsets() {
+    let dir = scratch("utf8");
+    // Line 2 holds a Latin-1 `é` (0xe9) inside a JSON string.
+    let mut bytes = format!("{GOOD}\n").into_bytes();
+    let line2 = r#"{"messages": [{"role": "user", "content": "caf"#;
+    let line2_start = bytes.len();
+    bytes.extend_from_slice(line2.as_bytes());
+    bytes.push(0xe9);
+    bytes.extend_from_slice(br#""}, {"role": "assistant", "content": "x"}]}"#);
+    bytes.push(b'\n');
+    let path = dir.join("latin1.jsonl");
+    std::fs::write(&path, &bytes).unwrap();
+    let path_s = path.to_string_lossy().into_owned();
+    let err = load_err("qwen2", DatasetSpec::new(&path_s));
+    let msg = err.to_string();
+    assert_eq!(
+        msg,
+        format!(
+            "{path_s}:2: byte 0xe9 at byte offset {} of the line (byte {} of the file) is not valid UTF-8; the file must be UTF-8 text",
+            line2.len(),
+            line2_start + line2.len()
+        )
+    );
+    assert!(!msg.contains("unicode code point"), "{msg}");
+    assert_eq!(msg.lines().count(), 1);
+    // A text file and a JSON array element name the line of the byte too.
+    let mut text = b"fine\nalso fine\nbad \xff here\n".to_vec();
+    let tpath = dir.join("t.txt");
+    std::fs::write(&tpath, &text).unwrap();
+    let tpath_s = tpath.to_string_lossy().into_owned();
+    let spec = DatasetSpec {
+        format: Format::Text,
+        ..DatasetSpec::new(&tpath_s)
+    };
+    let msg = load_err("qwen2", spec).to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "{tpath_s}:3: byte 0xff at byte offset 4 of the line (byte 19 of the file)"
+        )),
+        "{msg}"
+    );
+    text.clear();
+    text.extend_from_slice(b"[\n  {\"text\": \"ok\"},\n  {\"text\":\n   \"b\xc3(\"}\n]\n");
+    let apath = dir.join("a.json");
+    std::fs::write(&apath, &text).unwrap();
+    let apath_s = apath.to_string_lossy().into_owned();
+    let spec = DatasetSpec {
+        format: Format::Text,
+        ..DatasetSpec::new(&apath_s)
+    };
+    let msg = load_err("qwen2", spec).to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "{apath_s}:4: byte 0xc3 at byte offset 5 of the line"
+        )),
+        "{msg}"
+    );
+    // skip_bad_records skips such a line like any other bad record.
+    let data = pipeline("qwen2", vec![DatasetSpec::new(&path_s)], true)
+        .load()
+        .unwrap();
+    assert_eq!((data.train.len(), data.report.skipped), (1, 1));
+}

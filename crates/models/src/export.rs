@@ -163,9 +163,19 @@ impl Model {
             bytes: 0,
             files: Vec::new(),
         };
+        let mut status = crate::LoadStatus {
+            tensors: 0,
+            total_tensors: crate::loader::total_tensors(&self.config),
+            bytes: 0,
+            writing: true,
+        };
         for unit in 0..self.config.num_units() {
+            if unit > 0 && w.dir.is_some() {
+                crate::loader::report_load(status);
+            }
             let u = self.unit(Unit::from_index(unit, self.config.num_units()))?;
             for (name, shape) in self.config.unit_tensors(unit) {
+                status.tensors += 1;
                 let mut t = if crate::is_quantizable(&name) {
                     // Memory of its own: merging must not touch the frozen base.
                     self.dense_weight(&name)?
@@ -182,6 +192,7 @@ impl Model {
                 let mut out = Tensor::empty(ctx, dtype, &shape)?;
                 ops::cast(ctx, &t, &mut out)?;
                 let host = out.to_ctx(&cpu)?;
+                status.bytes += host.as_bytes()?.len() as u64;
                 w.push(
                     name,
                     RawTensor {
@@ -196,6 +207,7 @@ impl Model {
             return Ok(());
         };
         w.finish()?;
+        crate::loader::report_load(status);
         let cfg = self.hf_config_json(dtype);
         let p = dir.join("config.json");
         std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json"))

@@ -34,7 +34,7 @@ pub use llmft_quant::QuantConfig;
 pub use llmft_tensor::store::{
     BlobEntry, BlobLayout, Resident, StoreBuilder, Unit, UnitGuard, WeightStore,
 };
-pub use loader::{is_quantizable, load_into, random_into};
+pub use loader::{is_quantizable, load_into, random_into, set_load_progress, LoadHook, LoadStatus};
 pub use model::{sample_token, GenerateOpts, Grads, Model, ModelBatch};
 pub use resolve::{resolve_config, resolve_model, resolve_model_in};
 pub use store::{part_key, QuantIndex, UnitWeights};

@@ -73,6 +73,49 @@ impl Index {
     }
 }
 
+/// Where a model load stands, reported after each unit (embedding, layer,
+/// head) to the hook set with [`set_load_progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadStatus {
+    /// Tensors loaded (and quantized) so far.
+    pub tensors: usize,
+    /// Tensors of the whole model.
+    pub total_tensors: usize,
+    /// Bytes of weights read (or, for random weights, drawn; when
+    /// `writing`, written) so far.
+    pub bytes: u64,
+    /// Whether this is an export writing a (merged) model rather than a
+    /// load.
+    pub writing: bool,
+}
+
+/// A function told each [`LoadStatus`] of every model load in the process.
+pub type LoadHook = Box<dyn Fn(LoadStatus) + Send + Sync>;
+
+static LOAD_HOOK: std::sync::RwLock<Option<LoadHook>> = std::sync::RwLock::new(None);
+
+/// Sets (or, with `None`, removes) the process's model-load progress hook
+/// (the CLI prints progress lines with it).
+pub fn set_load_progress(hook: Option<LoadHook>) {
+    if let Ok(mut h) = LOAD_HOOK.write() {
+        *h = hook;
+    }
+}
+
+pub(crate) fn report_load(status: LoadStatus) {
+    if let Ok(h) = LOAD_HOOK.read() {
+        if let Some(f) = h.as_ref() {
+            f(status);
+        }
+    }
+}
+
+pub(crate) fn total_tensors(config: &ModelConfig) -> usize {
+    (0..config.num_units())
+        .map(|u| config.unit_tensors(u).len())
+        .sum()
+}
+
 /// One memory-mapped safetensors file.
 struct Shard {
     path: PathBuf,
@@ -259,6 +302,12 @@ pub fn load_into(
     let index = Index::open(dir)?;
     let mut shards: BTreeMap<String, Shard> = BTreeMap::new();
     let mut qindex = QuantIndex::new(config.num_units());
+    let mut status = LoadStatus {
+        tensors: 0,
+        total_tensors: total_tensors(config),
+        bytes: 0,
+        writing: false,
+    };
     for unit in Unit::all(config.num_layers) {
         let wanted = config.unit_tensors(unit.index(config.num_units()));
         let mut staged = Staged {
@@ -314,6 +363,7 @@ pub fn load_into(
                 });
             }
             let src_dtype = file_dtype(&shard.path, name, view.dtype())?;
+            status.bytes += view.data().len() as u64;
             match quant.filter(|_| is_quantizable(name)) {
                 Some(cfg) => {
                     let mut dense = Tensor::zeros(ctx, dtype, shape)?;
@@ -337,6 +387,8 @@ pub fn load_into(
             })?;
             stream_tensor(ctx, shard, *src_dtype, view.data(), dst)
         })?;
+        status.tensors += wanted.len();
+        report_load(status);
     }
     Ok(qindex)
 }
@@ -353,9 +405,19 @@ pub fn random_into(
     builder: &mut dyn StoreBuilder,
 ) -> Result<QuantIndex> {
     let mut qindex = QuantIndex::new(config.num_units());
+    let mut status = LoadStatus {
+        tensors: 0,
+        total_tensors: total_tensors(config),
+        bytes: 0,
+        writing: false,
+    };
     for unit in Unit::all(config.num_layers) {
         let u = unit.index(config.num_units());
         let wanted = config.unit_tensors(u);
+        status.bytes += wanted
+            .iter()
+            .map(|(_, shape)| (shape.iter().product::<usize>() * dtype.size()) as u64)
+            .sum::<u64>();
         let seed_of = |k: usize| seed ^ ((u as u64) << 32) ^ k as u64;
         let mut staged = Staged {
             unit,
@@ -384,6 +446,8 @@ pub fn random_into(
                 Ok(())
             })
         })?;
+        status.tensors += wanted.len();
+        report_load(status);
     }
     Ok(qindex)
 }

@@ -63,7 +63,7 @@ pub use dist::{DataParallel, BUCKET_ELEMS};
 pub use error::{Error, Result};
 pub use metrics::MetricsWriter;
 pub use optimizer::{decays, LossScale, Optimizer, Update};
-pub use plot::loss_curve;
+pub use plot::{loss_curve, PLOT_SIZE};
 pub use run::{
     evaluate, is_out_of_memory, train, RunData, RunOptions, RunSummary, ADAPTER_DIR, MERGED_DIR,
     METRICS_FILE, MODEL_DIR, PLOT_FILE,

@@ -47,6 +47,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Print nothing while training.
     pub quiet: bool,
+    /// What `loss.png`'s title names, e.g. the model (`meta-llama/Llama-3.1-8B`);
+    /// the train type is added. Default: the architecture and layer count.
+    pub title: Option<String>,
     /// Train data-parallel over this group: each rank reads its part of
     /// every global batch (global batch = micro-batch × grad_accum ×
     /// ranks); metrics, progress, the plot and the final outputs come from
@@ -283,7 +286,16 @@ pub fn train(
         dp.group().barrier(model.ctx())?;
     }
     if lead {
-        summary.plot = crate::plot::loss_curve(&metrics_path, &out.join(PLOT_FILE))
+        let name = opts.title.clone().unwrap_or_else(|| {
+            let c = &model.config;
+            format!("{:?}, {} layers", c.arch, c.num_layers)
+        });
+        let kind = serde_json::to_value(cfg.train_type)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let title = format!("{name} · {kind}");
+        summary.plot = crate::plot::loss_curve(&metrics_path, &out.join(PLOT_FILE), &title)
             .ok()
             .map(|()| out.join(PLOT_FILE));
     }
