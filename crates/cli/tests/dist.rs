@@ -30,6 +30,10 @@ fn train_args(out: &Path, sets: &[&str]) -> Vec<String> {
         "train.eval_every=0".into(),
         "--set".into(),
         "data.batch.batch_size=2".into(),
+        // The CPU process group moves host tensors: these jobs train on the
+        // CPU even where a GPU exists (the NCCL runs are scripts/gpu/dist_bench.sh's).
+        "--set".into(),
+        "model.device=\"cpu\"".into(),
     ];
     for s in sets {
         args.push("--set".into());

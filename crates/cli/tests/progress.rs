@@ -129,5 +129,37 @@ fn long_subcommands_report_line_based_progress_off_a_terminal() {
             .any(|l| l.starts_with("tokenizing: 3000 records (3000 examples")),
         "{se}"
     );
+    // generate: loading the model (and the adapter) before decoding.
+    let (code, so, se) = llmft_piped(&[
+        "generate",
+        "--prompt",
+        "2+2=",
+        "--max-new-tokens",
+        "4",
+        "--adapter",
+        &adapter,
+        "--set",
+        &model,
+    ]);
+    assert_eq!(code, 0, "{so}\n{se}");
+    no_carriage_returns(&so, &se, "generate");
+    check_lines(&se, "loading weights: ", "generate");
+    // bench: drawing and quantizing its random weights.
+    let (code, so, se) = llmft_piped(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--gemm-size",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{so}\n{se}");
+    no_carriage_returns(&so, &se, "bench");
+    check_lines(&se, "loading weights: ", "bench");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -339,11 +339,16 @@ impl CudaCtx {
     }
 }
 
-/// Prints the kernel path once per process (to stderr): which fallbacks the
-/// kernels take on this GPU, and whether bf16 compute is available.
+/// Prints the kernel path once per process (to stderr) where it is not the
+/// full fast one — a pre-Ampere GPU, or a path forced by `LLMFT_KERNEL_ARCH`:
+/// which fallbacks the kernels take, and whether bf16 compute is available.
+/// (`llmft env` always names the path.)
 fn announce_path(path: &llmft_kernels::arch::KernelPath) {
     static SEEN: Mutex<Vec<llmft_kernels::arch::KernelPath>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap();
+    if !path.forced && path.path >= 80 {
+        return;
+    }
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if !seen.contains(path) {
         seen.push(*path);
         eprintln!("{}", path.describe());
