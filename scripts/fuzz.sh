@@ -8,7 +8,8 @@
 # targets (default: all). Every run uses -timeout=5 -rss_limit_mb=2048.
 # Environment: FUZZ_SANITIZER (default none; `address` for ASan),
 # FUZZ_MAX_LEN (default 0: libFuzzer's own choice from the corpus),
-# FUZZ_LOG_DIR (default tests/fuzz/target/logs).
+# FUZZ_MAX_TIME (default 0: no limit; else seconds per target, ending a run
+# before RUNS), FUZZ_LOG_DIR (default tests/fuzz/target/logs).
 #
 # The corpus of each target (tests/fuzz/corpus/<target>) grows with what a run
 # finds; minimize it before committing (cargo +nightly fuzz cmin <target>).
@@ -24,6 +25,7 @@ ALL=(safetensors_index model_config layered_config dataset_records peft_adapter 
 if [ "$#" -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 SAN="${FUZZ_SANITIZER:-none}"
 MAX_LEN="${FUZZ_MAX_LEN:-0}"
+MAX_TIME="${FUZZ_MAX_TIME:-0}"
 LOGS="${FUZZ_LOG_DIR:-target/logs}"
 mkdir -p "$LOGS"
 
@@ -38,6 +40,7 @@ for t in "${TARGETS[@]}"; do
     set +e
     args=(-runs="$RUNS" -timeout=5 -rss_limit_mb=2048 -print_final_stats=1)
     if [ "$MAX_LEN" != 0 ]; then args+=(-max_len="$MAX_LEN"); fi
+    if [ "$MAX_TIME" != 0 ]; then args+=(-max_total_time="$MAX_TIME"); fi
     cargo +nightly fuzz run -O -a -s "$SAN" "$t" "corpus/$t" -- "${args[@]}" \
         -artifact_prefix="artifacts/$t/" >"$log" 2>&1
     rc=$?
