@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use llmft_tensor::{cuda, cuda_device_count, Ctx};
 
+use llmft::config;
+
 mod bench;
-mod config;
 mod demo;
 mod dist;
 mod estimate;

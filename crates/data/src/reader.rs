@@ -632,6 +632,16 @@ fn json_message(e: &serde_json::Error) -> (u64, String) {
     (e.line().saturating_sub(1) as u64, message)
 }
 
+/// Runs a call into the Parquet reader, which panics on some malformed
+/// files (an `unwrap` in its metadata decoder); the panic becomes an error
+/// naming the file.
+fn parquet_guard<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| Error::Parquet {
+        path: path.to_path_buf(),
+        message: "the Parquet reader failed on malformed metadata".into(),
+    })
+}
+
 /// Rows of a Parquet file (row groups are read one at a time); the
 /// location's line is the 1-based row number.
 struct ParquetRecords {
@@ -645,11 +655,13 @@ struct ParquetRecords {
 impl ParquetRecords {
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader = parquet::file::serialized_reader::SerializedFileReader::try_from(file)
-            .map_err(|e| Error::Parquet {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let reader = parquet_guard(path, || {
+            parquet::file::serialized_reader::SerializedFileReader::try_from(file)
+        })?
+        .map_err(|e| Error::Parquet {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Ok(ParquetRecords {
             path: path.to_path_buf(),
             shared: Arc::from(path),
@@ -667,7 +679,14 @@ impl Iterator for ParquetRecords {
         if self.done {
             return None;
         }
-        let row = self.rows.next()?;
+        let rows = &mut self.rows;
+        let row = match parquet_guard(&self.path, || rows.next()) {
+            Ok(row) => row?,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
         self.row += 1;
         Some(match row {
             Ok(row) => Ok(Record {

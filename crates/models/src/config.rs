@@ -178,6 +178,21 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(err(format!("head_dim {head_dim} must be even for RoPE")));
         }
+        // Every tensor size derived from the config must be countable.
+        let (h, v, f) = (raw.hidden_size, raw.vocab_size, raw.intermediate_size);
+        let width = |n: usize| n.checked_mul(head_dim).and_then(|w| w.checked_mul(h));
+        let sizes_fit = raw.num_hidden_layers.checked_add(2).is_some()
+            && width(heads).is_some()
+            && width(kv).is_some()
+            && f.checked_mul(h).is_some()
+            && v.checked_mul(h).is_some();
+        if !sizes_fit {
+            return Err(err(format!(
+                "the sizes (hidden_size {h}, vocab_size {v}, intermediate_size {f}, \
+                 {heads} heads of {head_dim}, {} layers) are too large to count",
+                raw.num_hidden_layers
+            )));
+        }
         Ok(Self {
             arch,
             vocab_size: raw.vocab_size,

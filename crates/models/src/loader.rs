@@ -50,6 +50,17 @@ impl Index {
                     path: idx.clone(),
                     msg: format!("weight_map[`{k}`] is not a file name"),
                 })?;
+                // Shards live beside the index: a path elsewhere (`../x`,
+                // `/dev/zero`) is refused rather than opened.
+                let plain = Path::new(f).file_name().is_some_and(|n| n == f);
+                if !plain || f == ".." {
+                    return Err(Error::Config {
+                        path: idx.clone(),
+                        msg: format!(
+                            "weight_map[`{k}`] = `{f}` is not a file name in the model folder"
+                        ),
+                    });
+                }
                 files.insert(k.clone(), f.to_string());
             }
         } else if single.is_file() {
