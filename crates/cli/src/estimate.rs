@@ -419,7 +419,6 @@ fn spec_of_settings(
         Strategy::NoShard => Sharding::NoShard,
         Strategy::HybridShard => Sharding::HybridShard { gpus_per_node: gpn },
     };
-    let o = &s.offload;
     Ok(JobSpec {
         config,
         train_type: s.train.train_type,
@@ -433,13 +432,7 @@ fn spec_of_settings(
         keep_attention: s.model.checkpoint_keep_attention,
         skip_layers: s.model.checkpoint_skip_layers,
         cache_dequantized: s.model.checkpoint_cache_dequantized,
-        offload: llmft_trainer::estimate::OffloadSpec {
-            params: o.params,
-            activations: o.activations,
-            optimizer: o.optimizer,
-            lookahead: o.lookahead,
-            keep_embedding: o.keep_embedding,
-        },
+        offload: crate::shape::offload_spec(&s.offload),
         world_size: world,
         sharded: sharding != Sharding::NoShard && world > 1,
         sharding,

@@ -179,18 +179,23 @@ impl JobFlags {
             keep_attention: self.keep_attention,
             skip_layers: self.skip_layers,
             cache_dequantized: self.cache_dequantized,
-            offload: OffloadSpec {
-                params: o.params,
-                activations: o.activations,
-                optimizer: o.optimizer,
-                lookahead: o.lookahead,
-                keep_embedding: o.keep_embedding,
-            },
+            offload: offload_spec(&o),
             world_size,
             sharded: sharding != Sharding::NoShard && world_size > 1,
             sharding,
             simulated,
         })
+    }
+}
+
+/// The estimate's view of the `[offload]` settings.
+pub fn offload_spec(o: &crate::config::OffloadSettings) -> OffloadSpec {
+    OffloadSpec {
+        params: o.params,
+        activations: o.activations,
+        optimizer: o.optimizer,
+        lookahead: o.lookahead,
+        keep_embedding: o.keep_embedding,
     }
 }
 
