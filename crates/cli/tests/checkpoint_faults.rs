@@ -451,6 +451,9 @@ fn a_damaged_rank_file_of_a_world_2_checkpoint_is_refused_naming_it() {
         "train.keep_last=0",
         "data.batch.batch_size=1",
         "dist.backend=\"cpu\"",
+        // The CPU process group moves host tensors: train on the CPU even
+        // where a GPU exists.
+        "model.device=\"cpu\"",
         "dist.strategy=\"full_shard\"",
         "dist.timeout_s=60",
     ];
