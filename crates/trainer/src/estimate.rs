@@ -329,25 +329,23 @@ pub fn estimate(job: &JobSpec) -> Estimate {
     // ---- Weights: resident units, and the store's staging/gather buffers.
     let ways = job.shard_ways();
     let sharded = job.sharded;
-    let layer_blob = (1..=l).map(|u| job.unit_bytes(u)).max().unwrap_or(0);
-    let outer: Vec<usize> = [0, l + 1].iter().map(|&u| job.unit_bytes(u)).collect();
-    let total_blob: usize = (0..c.num_units()).map(|u| job.unit_bytes(u)).sum();
+    // Each unit's blob, once: embedding, layers, head.
+    let units: Vec<usize> = (0..c.num_units()).map(|u| job.unit_bytes(u)).collect();
+    let layer_blob = units[1..=l].iter().copied().max().unwrap_or(0);
+    let outer = [units[0], units[l + 1]];
+    let total_blob: usize = units.iter().sum();
     let shard = |b: usize| {
         b.div_ceil(ways)
             .next_multiple_of(llmft_tensor::store::ALIGN)
     };
+    // One rank's shards of every unit.
+    let shards: usize = units.iter().map(|&b| shard(b)).sum();
     let (resident, buffers) = if sharded {
-        let resident = if job.offload.params {
-            0
-        } else {
-            (0..c.num_units()).map(|u| shard(job.unit_bytes(u))).sum()
-        };
+        let resident = if job.offload.params { 0 } else { shards };
         let gathered = |b: usize| shard(b) * ways;
         let buffers = if job.sharding == Sharding::ShardGradOp {
             // Gathered in the forward, kept to the backward: every unit.
-            (0..c.num_units())
-                .map(|u| gathered(job.unit_bytes(u)))
-                .sum()
+            units.iter().map(|&b| gathered(b)).sum()
         } else {
             outer.iter().map(|&b| gathered(b)).max().unwrap_or(0)
                 + (job.offload.lookahead + 1) * gathered(layer_blob)
@@ -618,17 +616,13 @@ pub fn estimate(job: &JobSpec) -> Estimate {
     let simulated_peers = if job.simulated { ways } else { 1 };
     let host_params = if job.offload.params {
         if sharded {
-            (0..c.num_units())
-                .map(|u| shard(job.unit_bytes(u)) * simulated_peers)
-                .sum()
+            shards * simulated_peers
         } else {
             total_blob - resident
         }
     } else if sharded && job.simulated {
         // The simulated peers' shards.
-        (0..c.num_units())
-            .map(|u| shard(job.unit_bytes(u)) * (simulated_peers - 1))
-            .sum()
+        shards * (simulated_peers - 1)
     } else {
         0
     };
