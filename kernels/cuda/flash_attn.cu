@@ -582,15 +582,11 @@ __device__ void fa_bwd_dq_body(const float* dq_acc, unsigned short* dq, long lon
 // tiles, so every K/V fragment read from shared memory feeds two MMAs);
 // 64- or 32-key tiles; Q stays in shared memory. The V tile loads while S = Q·Kᵀ is
 // computed, the next K tile while O += P·V is.
-// Backward: 128 keys per block, 8 warps of 16 keys (dK, dV in registers);
-// 64-query tiles double-buffered (the next Q/dO tile loads during this one);
+// Backward: BN keys per block, a warp per 16 keys (dK, dV in registers);
+// BM-query tiles double-buffered (the next Q/dO tile loads during this one);
 // dQ accumulated in f32 with vector reductions.
 #define F2_M 128
 #define F2_THREADS 128
-#define B2_N 128
-#define B2_M 64
-#define B2_WARPS 8
-#define B2_THREADS (B2_WARPS * 32)
 
 #if LLMFT_PATH_ARCH >= 800
 __device__ __forceinline__ void fa_cp16(u32_t dst, const void* src, int bytes) {
@@ -906,31 +902,38 @@ __device__ void fa2_fwd_body(const unsigned short* q, const unsigned short* k,
     }
 }
 
-// Backward: grid (B * Hkv, ceil(T / 128) key tiles), 256 threads, dynamic
-// shared memory (2·128 + 4·64) · (D + 8) · 2 + 128 · 72 · 2 + 6 · 64 · 4 bytes.
-// Each block walks the 64-query tiles (of every query head sharing its kv
-// head) that can see its keys.
-template <typename E, int D>
+// Backward: grid (B * Hkv, ceil(T / BN) key tiles), WARPS · 32 threads (a
+// warp per 16 keys), dynamic shared memory
+// (2·BN + 4·BM) · (D + 8) · 2 + BN · (BM + 8) · 2 + 6 · BM · 4 bytes.
+// Each block walks the BM-query tiles (of every query head sharing its kv
+// head) that can see its keys. Tiles: 128 keys × 64 queries (8 warps,
+// 155.5 KiB at head dim 128) where the GPU allows it; 64 × 32 (4 warps,
+// 73.8 KiB) on sm_86/89 and sm_70; 64 × 16 (54.4 KiB) on sm_75.
+template <typename E, int D, int BN, int BM, int WARPS>
 __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
                              const unsigned short* v, const unsigned short* d_o, const float* lse,
                              const float* dsum, const int* seg, float* dq_acc, unsigned short* dk,
                              unsigned short* dv, int Hq, int Hkv, int T, float scale, int tok,
                              int* dq_lock) {
-    const int SD = D + 8, SS = B2_M + 8;
+    static_assert(BN == WARPS * 16, "a warp per 16 keys");
+    static_assert(WARPS % (BM / 16) == 0 && (D / 8) % (WARPS / (BM / 16)) == 0,
+                  "dQ's tile must split evenly over the warps");
+    constexpr int NT = WARPS * 32;
+    const int SD = D + 8, SS = BM + 8;
     extern __shared__ __align__(16) unsigned short fa_sm[];
     unsigned short* sK = fa_sm;
-    unsigned short* sV = sK + B2_N * SD;
-    unsigned short* sQ = sV + B2_N * SD;     // two buffers of B2_M rows
-    unsigned short* sO = sQ + 2 * B2_M * SD; // two buffers of B2_M rows
-    unsigned short* sS = sO + 2 * B2_M * SD; // dSᵀ [B2_N keys][B2_M queries]
-    float* sL = reinterpret_cast<float*>(sS + B2_N * SS);
-    float* sDs = sL + 2 * B2_M;
-    int* sSq = reinterpret_cast<int*>(sDs + 2 * B2_M);
+    unsigned short* sV = sK + BN * SD;
+    unsigned short* sQ = sV + BN * SD;     // two buffers of BM rows
+    unsigned short* sO = sQ + 2 * BM * SD; // two buffers of BM rows
+    unsigned short* sS = sO + 2 * BM * SD; // dSᵀ [BN keys][BM queries]
+    float* sL = reinterpret_cast<float*>(sS + BN * SS);
+    float* sDs = sL + 2 * BM;
+    int* sSq = reinterpret_cast<int*>(sDs + 2 * BM);
     // Heads on x: every head's first key tile (the most query tiles) starts
     // before any later one.
     const int kt = blockIdx.y, bk = blockIdx.x, b = bk / Hkv, hk = bk % Hkv;
     const int rep = Hq / Hkv;
-    const int k0 = kt * B2_N;
+    const int k0 = kt * BN;
     // Head-major or token-major (tok) as in the forward; q, dO and the dq
     // accumulator share q's layout, dk and dv k's.
     const int ldq = tok ? Hq * D : D, ldk = tok ? Hkv * D : D;
@@ -948,32 +951,32 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     const int sk1 = (sg && j1 < T) ? sg[j1] : -2;
     const float sl2 = scale * FA_LOG2E;
     // Query tiles before qs cannot see any key of this block.
-    const int qs = (k0 / B2_M) * B2_M;
+    const int qs = (k0 / BM) * BM;
     // Query tiles past the last key's example cannot see this block (packed rows).
     // (Not with dq_lock: there every key block passes every query tile after
     // its own, so that each tile's counter counts the blocks before it.)
-    const int q_end = sg && !dq_lock ? fa_run_end(sg, k0, min(k0 + B2_N, T) - 1, T) + 1 : T;
-    const int nq = (q_end - qs + B2_M - 1) / B2_M;
+    const int q_end = sg && !dq_lock ? fa_run_end(sg, k0, min(k0 + BN, T) - 1, T) + 1 : T;
+    const int nq = (q_end - qs + BM - 1) / BM;
     const int n_it = rep * nq;
 
-    // Tile `it` (query head it / nq, rows qs + 64·(it % nq)) into buffer `buf`.
+    // Tile `it` (query head it / nq, rows qs + BM·(it % nq)) into buffer `buf`.
     auto issue = [&](int it, int buf) {
-        const int q0 = qs + (it % nq) * B2_M;
+        const int q0 = qs + (it % nq) * BM;
         const long long bhq = (long long)b * Hq + hk * rep + it / nq;
         const long long q_off = (long long)b * T * Hq * D + (hk * rep + it / nq) * hq_off;
-        fa_async_tile<B2_M, D, B2_THREADS>(sQ + buf * B2_M * SD, q + q_off, q0, T, ldq);
-        fa_async_tile<B2_M, D, B2_THREADS>(sO + buf * B2_M * SD, d_o + q_off, q0, T, ldq);
+        fa_async_tile<BM, D, NT>(sQ + buf * BM * SD, q + q_off, q0, T, ldq);
+        fa_async_tile<BM, D, NT>(sO + buf * BM * SD, d_o + q_off, q0, T, ldq);
         fa_cp_commit();
-        if (threadIdx.x < B2_M) {
+        if (threadIdx.x < BM) {
             int i = q0 + threadIdx.x;
             bool in = i < T;
-            sL[buf * B2_M + threadIdx.x] = in ? lse[bhq * T + i] * FA_LOG2E : POS_INF;
-            sDs[buf * B2_M + threadIdx.x] = in ? dsum[bhq * T + i] : 0.f;
-            sSq[buf * B2_M + threadIdx.x] = in ? (sg ? sg[i] : 0) : -3;
+            sL[buf * BM + threadIdx.x] = in ? lse[bhq * T + i] * FA_LOG2E : POS_INF;
+            sDs[buf * BM + threadIdx.x] = in ? dsum[bhq * T + i] : 0.f;
+            sSq[buf * BM + threadIdx.x] = in ? (sg ? sg[i] : 0) : -3;
         }
     };
-    fa_async_tile<B2_N, D, B2_THREADS>(sK, kb, k0, T, ldk);
-    fa_async_tile<B2_N, D, B2_THREADS>(sV, vb, k0, T, ldk);
+    fa_async_tile<BN, D, NT>(sK, kb, k0, T, ldk);
+    fa_async_tile<BN, D, NT>(sV, vb, k0, T, ldk);
     if (n_it > 0) issue(0, 0);
 
     float dka[D / 8][4], dva[D / 8][4];
@@ -981,8 +984,8 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
     for (int i = 0; i < D / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
-    // dQ's split of the 64 x D tile over the warps.
-    const int MT = B2_M / 16, WPM = B2_WARPS / MT, NTW = (D / 8) / WPM;
+    // dQ's split of the BM x D tile over the warps.
+    const int MT = BM / 16, WPM = WARPS / MT, NTW = (D / 8) / WPM;
     const int mtile = warp % MT, part = warp / MT;
     const u32_t k_rows = fa_smem(sK + (warp * 16 + (lane & 15)) * SD + (lane >> 4) * 8);
     const u32_t v_rows = k_rows + (u32_t)((sV - sK) * 2);
@@ -995,38 +998,38 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
 
     for (int it = 0; it < n_it; ++it) {
         const int buf = it & 1;
-        const int q0 = qs + (it % nq) * B2_M;
+        const int q0 = qs + (it % nq) * BM;
         const long long bhq = (long long)b * Hq + hk * rep + it / nq;
         fa_cp_wait_all();
         __syncthreads();  // tile `it` visible; every warp is done with tile it - 1
         if (it + 1 < n_it) issue(it + 1, buf ^ 1);
-        const float* cL = sL + buf * B2_M;
-        const float* cDs = sDs + buf * B2_M;
-        const int* cSq = sSq + buf * B2_M;
+        const float* cL = sL + buf * BM;
+        const float* cDs = sDs + buf * BM;
+        const int* cSq = sSq + buf * BM;
         // Per-lane ldmatrix addresses: this warp's K/V rows (A fragments), the
         // Q/dO tile as B fragments (plain and transposed), dSᵀ and K for dQ.
         const u32_t a_k = fa_opaque(k_rows), a_v = fa_opaque(v_rows);
-        const u32_t b_q = fa_opaque(qo_plain) + buf * B2_M * SD * 2;
+        const u32_t b_q = fa_opaque(qo_plain) + buf * BM * SD * 2;
         const u32_t b_o = b_q + (u32_t)((sO - sQ) * 2);
-        const u32_t t_q = fa_opaque(qo_trans) + buf * B2_M * SD * 2;
+        const u32_t t_q = fa_opaque(qo_trans) + buf * BM * SD * 2;
         const u32_t t_o = t_q + (u32_t)((sO - sQ) * 2);
         const u32_t a_s = fa_opaque(s_trans), b_k = fa_opaque(k_trans);
-        const bool active = q0 + B2_M - 1 >= wk0;
-        const bool masked = sg || q0 < k0 + B2_N - 1;
-        float st[B2_M / 8][4], dpt[B2_M / 8][4];
+        const bool active = q0 + BM - 1 >= wk0;
+        const bool masked = sg || q0 < k0 + BN - 1;
+        float st[BM / 8][4], dpt[BM / 8][4];
 #pragma unroll
-        for (int i = 0; i < B2_M / 8; ++i)
+        for (int i = 0; i < BM / 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
         if (active) {
-            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys x 64 queries.
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys x BM queries.
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks) {
                 u32_t ka[4], va[4];
                 fa_ldsm(ka, a_k + ks * 32);
                 fa_ldsm(va, a_v + ks * 32);
 #pragma unroll
-                for (int np = 0; np < B2_M / 16; ++np) {
+                for (int np = 0; np < BM / 16; ++np) {
                     const u32_t off = (np * 16 * SD + ks * 16) * 2;
                     u32_t bq[4], bo[4];
                     fa_ldsm(bq, b_q + off);
@@ -1039,7 +1042,7 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
             }
             // Pᵀ from lse (+inf past T gives 0); dSᵀ = Pᵀ ∘ (dPᵀ − dsum).
 #pragma unroll
-            for (int n = 0; n < B2_M / 8; ++n) {
+            for (int n = 0; n < BM / 8; ++n) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     int qi = n * 8 + tq * 2 + (e & 1);
@@ -1055,7 +1058,7 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
             }
             // dV += Pᵀ·dO and dK += dSᵀ·Q (the query axis is the reduction).
 #pragma unroll
-            for (int kk = 0; kk < B2_M / 16; ++kk) {
+            for (int kk = 0; kk < BM / 16; ++kk) {
                 u32_t pa[4] = {E::pack(st[2 * kk][0], st[2 * kk][1]),
                                E::pack(st[2 * kk][2], st[2 * kk][3]),
                                E::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]),
@@ -1079,7 +1082,7 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
         }
         // dSᵀ to shared memory for dQ += dS·K (zeros from a warp that saw nothing).
 #pragma unroll
-        for (int n = 0; n < B2_M / 8; ++n) {
+        for (int n = 0; n < BM / 8; ++n) {
             int c = n * 8 + tq * 2;
             *reinterpret_cast<u32_t*>(sS + (warp * 16 + g) * SS + c) = E::pack(dpt[n][0], dpt[n][1]);
             *reinterpret_cast<u32_t*>(sS + (warp * 16 + g + 8) * SS + c) =
@@ -1090,7 +1093,7 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
 #pragma unroll
         for (int i = 0; i < NTW; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < B2_N / 16; ++kk) {
+        for (int kk = 0; kk < BN / 16; ++kk) {
             u32_t a[4];
             fa_ldsm_t(a, a_s + kk * 16 * SS * 2);
 #pragma unroll
@@ -1107,7 +1110,7 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
         // another in key-tile order, each waiting for the tile's counter to
         // reach its own index (blocks start in that order, so the ones waited
         // for are running or done).
-        int* lk = dq_lock ? dq_lock + bhq * ((T + B2_M - 1) / B2_M) + q0 / B2_M : 0;
+        int* lk = dq_lock ? dq_lock + bhq * ((T + BM - 1) / BM) + q0 / BM : 0;
         if (lk) {
             if (threadIdx.x == 0) {
                 int seen;
@@ -1160,18 +1163,26 @@ __device__ void fa2_bwd_body(const unsigned short* q, const unsigned short* k,
                                     float* lse, int Hq, int Hkv, int T, float scale, int tok) {   \
         fa2_fwd_body<E, D, (D > 64 ? 32 : 64)>(q, k, v, seg, o, lse, Hq, Hkv, T, scale, tok);     \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(B2_THREADS, 1) flash_attn2_bwd_##n_##_d##D(      \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
-        const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,           \
-        float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,            \
-        float scale, int tok, int* dq_lock) {                                                     \
-        fa2_bwd_body<E, D>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv, T, scale, tok,  \
-                           dq_lock);                                                              \
+    FA2_BWD(n_, E, D, , 128, 64, 8)                                                               \
+    FA2_BWD(n_, E, D, _n64m32, 64, 32, 4)
+// The backward for BN keys × BM queries per block (`tiles` names it; the
+// largest has no suffix).
+#define FA2_BWD(n_, E, D, tiles, BN, BM, WARPS)                                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)                                   \
+        flash_attn2_bwd_##n_##_d##D##tiles(                                                       \
+            const unsigned short* q, const unsigned short* k, const unsigned short* v,            \
+            const unsigned short* d_o, const float* lse, const float* dsum, const int* seg,       \
+            float* dq_acc, unsigned short* dk, unsigned short* dv, int Hq, int Hkv, int T,        \
+            float scale, int tok, int* dq_lock) {                                                 \
+        fa2_bwd_body<E, D, BN, BM, WARPS>(q, k, v, d_o, lse, dsum, seg, dq_acc, dk, dv, Hq, Hkv,  \
+                                          T, scale, tok, dq_lock);                                \
     }
 FA2_KERNELS(bf16, FaBF16, 64)
 FA2_KERNELS(bf16, FaBF16, 128)
 FA2_KERNELS(f16, FaF16, 64)
 FA2_KERNELS(f16, FaF16, 128)
+FA2_BWD(bf16, FaBF16, 128, _n64m16, 64, 16, 4)
+FA2_BWD(f16, FaF16, 128, _n64m16, 64, 16, 4)
 
 #define FA_KERNELS(n_, E, D, BQ)                                                                  \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_fwd_##n_##_d##D(          \

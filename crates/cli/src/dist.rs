@@ -90,6 +90,10 @@ fn local_world_size() -> Result<usize, String> {
     )
 }
 
+/// How long a rank whose NCCL watchdog fired has to report the error and
+/// exit before the process group ends it (`GroupConfig::exit_after_abort`).
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+
 /// Joins the job of `world` per `s.dist`; `None` for a single process whose
 /// `dist.backend` is `auto` (nothing to join).
 pub fn join(s: &Settings, world: &WorldInfo, ctx: &Ctx) -> Result<Option<Job>, String> {
@@ -114,6 +118,9 @@ pub fn join(s: &Settings, world: &WorldInfo, ctx: &Ctx) -> Result<Option<Job>, S
         backend,
         timeout,
         rendezvous_timeout: timeout,
+        // A rank whose NCCL communicator was aborted ends even where a call
+        // stays stuck on the GPU (the launcher then ends the others).
+        exit_after_abort: Some(ABORT_GRACE),
         ..GroupConfig::default()
     };
     let rank = world.rank;

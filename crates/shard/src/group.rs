@@ -65,6 +65,13 @@ pub struct GroupConfig {
     /// The address the other ranks reach this one at; by default the local
     /// address of this rank's connection to rank 0.
     pub advertise_ip: Option<IpAddr>,
+    /// NCCL only: once the watchdog has aborted the communicator, end the
+    /// process with status [`crate::WATCHDOG_EXIT_STATUS`] if the group is
+    /// still alive this long after (not dropped: a thread is stuck in a CUDA
+    /// or NCCL call the abort could not unblock, or nobody handles the
+    /// error). `None` (the default) leaves the process to its owner; the
+    /// `llmft` CLI sets it, so that a failed rank always ends.
+    pub exit_after_abort: Option<Duration>,
 }
 
 impl Default for GroupConfig {
@@ -74,6 +81,7 @@ impl Default for GroupConfig {
             timeout: Duration::from_secs(300),
             rendezvous_timeout: Duration::from_secs(300),
             advertise_ip: None,
+            exit_after_abort: None,
         }
     }
 }

@@ -89,7 +89,7 @@ use std::time::Duration;
 
 pub use cpu::CpuGroup;
 pub use group::{init_process_group, Backend, GroupConfig, Pending, ProcessGroup};
-pub use nccl::NcclGroup;
+pub use nccl::{NcclGroup, WATCHDOG_EXIT_STATUS};
 pub use sharded::{
     shard_bytes, Sharded, ShardedBuilder, ShardedConfig, ShardedCounters, ShardedStats,
 };

@@ -65,6 +65,9 @@ const MIN_VERSION: i32 = 2_13_00;
 /// thread to return before it aborts the communicator anyway (to unblock it).
 const ISSUE_GRACE: Duration = Duration::from_secs(2);
 const MAX_POLL: Duration = Duration::from_millis(50);
+/// The exit status of a process the watchdog ends
+/// ([`GroupConfig::exit_after_abort`]): sysexits' EX_SOFTWARE.
+pub const WATCHDOG_EXIT_STATUS: i32 = 70;
 const MIN_POLL: Duration = Duration::from_millis(1);
 
 /// An NCCL communicator handle.
@@ -107,6 +110,8 @@ struct Shared {
     issue: Mutex<()>,
     state: Mutex<State>,
     stop: AtomicBool,
+    /// [`GroupConfig::exit_after_abort`].
+    exit_after_abort: Option<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -303,16 +308,55 @@ impl Shared {
     }
 
     /// The watchdog's loop: runs until `stop` or the first failure.
-    fn watch(&self, context: &CudaContext) {
+    fn watch(self: &Arc<Self>, context: &CudaContext) {
         let _ = context.bind_to_thread();
         let poll = (self.timeout / 4).clamp(MIN_POLL, MAX_POLL);
         while !self.stop.load(Ordering::Acquire) {
             std::thread::park_timeout(poll);
             if let Some(reason) = self.check() {
                 eprintln!("llmft-shard: {reason}");
+                // Before the abort, which may itself block behind the stuck call.
+                if let Some(after) = self.exit_after_abort {
+                    self.end_process_after(after);
+                }
                 self.fail(reason, false);
                 return;
             }
+        }
+    }
+
+    /// Ends the process `after` from now unless the group is dropped first
+    /// (a thread of its own: see [`GroupConfig::exit_after_abort`]).
+    fn end_process_after(self: &Arc<Self>, after: Duration) {
+        let s = self.clone();
+        let reaper = move || {
+            let until = Instant::now() + after;
+            while !s.stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= until {
+                    eprintln!(
+                        "llmft-shard: rank {}: the process group was not closed within {} s of \
+                         the abort (a CUDA or NCCL call it could not unblock); ending the \
+                         process with status {WATCHDOG_EXIT_STATUS}",
+                        s.rank,
+                        secs(&after)
+                    );
+                    // SAFETY: _exit ends the process at once, without the
+                    // exit handlers (CUDA's teardown would wait for the stuck
+                    // stream).
+                    unsafe { libc::_exit(WATCHDOG_EXIT_STATUS) }
+                }
+                std::thread::sleep(MAX_POLL.min(until - now));
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("llmft-nccl-exit".into())
+            .spawn(reaper)
+        {
+            eprintln!(
+                "llmft-shard: rank {}: cannot start the exit timer: {e}",
+                self.rank
+            );
         }
     }
 }
@@ -389,6 +433,7 @@ impl NcclGroup {
                 seq: 0,
             }),
             stop: AtomicBool::new(false),
+            exit_after_abort: cfg.exit_after_abort,
         });
         let (s, context) = (shared.clone(), cu.context().clone());
         let watchdog = std::thread::Builder::new()

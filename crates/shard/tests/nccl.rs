@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::{floats, free_port, tensor, Harness, Job, Rng, Vars, FAILED};
 use cudarc::driver::sys as dsys;
-use llmft_shard::{init_process_group, Backend, GroupConfig, NcclGroup, ProcessGroup, WorldInfo};
+use llmft_shard::{
+    init_process_group, Backend, GroupConfig, NcclGroup, ProcessGroup, WorldInfo,
+    WATCHDOG_EXIT_STATUS,
+};
 use llmft_tensor::{bf16, cuda_device_count, f16, Ctx, DType, Element, StreamKind, Tensor};
 
 const HARNESS: Harness = Harness {
@@ -222,34 +225,56 @@ fn bad_arguments_are_errors() {
     assert_eq!(x.to_vec::<f32>().unwrap(), [1.0, 2.0]);
 }
 
-// On the H200 (2026-12-01) the watchdog fired and printed its message, but
-// the stalled process never ended: with the compute stream blocked by
-// cuStreamWaitValue32 the second all_reduce call itself did not return (NCCL
-// or the driver waits for the device on the host), and ncclCommAbort cannot
-// free a stream blocked that way. A real stall (a peer that never joins) is
-// `stalled_rank_is_reported_by_the_watchdog`, which needs two GPUs.
+// A collective stalled on this rank's own stream. On the H200 (2026-12-01)
+// the watchdog fired, but the main thread never returned from the call that
+// followed the stall (with the compute stream blocked by cuStreamWaitValue32
+// NCCL's enqueue waits for the device on the host), and ncclCommAbort
+// cannot free a stream blocked that way. With `exit_after_abort` the group
+// then ends the process itself. Either way the process must end, with the
+// watchdog's reason: status 0 where the stalled call returns (the worker
+// sees the group poisoned and the next call refused), or
+// WATCHDOG_EXIT_STATUS where it does not.
 #[test]
-#[ignore = "hangs on one GPU: a stream blocked by cuStreamWaitValue32 also blocks the next NCCL call on the host (see above)"]
 fn watchdog_aborts_a_collective_that_outlives_the_timeout() {
     if gpus("watchdog_aborts_a_collective_that_outlives_the_timeout").is_none() {
         return;
     }
     // In a process of its own: the aborted communicator must not touch the
     // other tests' GPU context.
+    let t0 = Instant::now();
     let (codes, out) = start("stall1", 1).finish(Duration::from_secs(60));
-    assert_eq!(codes, [Some(0)], "{out:?}");
-    let l = &out[0].lines;
-    assert!(
-        l[0] == "poisoned rank 0: NCCL all_reduce #2 (1000 x f32) did not complete within 0.3 s; \
-                 the communicator was aborted",
-        "{l:?}"
+    let reason = "rank 0: NCCL all_reduce #2 (1000 x f32) did not complete within 0.3 s; \
+                  the communicator was aborted";
+    println!(
+        "stalled collective: status {:?} after {:.1} s",
+        codes[0],
+        t0.elapsed().as_secs_f64()
     );
-    assert!(
-        l[1].starts_with(
-            "after process group is unusable after an earlier failure: rank 0: NCCL all_reduce #2"
-        ),
-        "{l:?}"
-    );
+    match codes[0] {
+        Some(0) => {
+            let l = &out[0].lines;
+            assert_eq!(l[0], format!("poisoned {reason}"), "{out:?}");
+            assert!(
+                l[1].starts_with(
+                    "after process group is unusable after an earlier failure: rank 0: NCCL \
+                     all_reduce #2"
+                ),
+                "{l:?}"
+            );
+        }
+        Some(WATCHDOG_EXIT_STATUS) => {
+            let err = &out[0].stderr;
+            assert!(err.contains(&format!("llmft-shard: {reason}")), "{err}");
+            assert!(
+                err.contains(
+                    "llmft-shard: rank 0: the process group was not closed within 2 s of the \
+                     abort"
+                ),
+                "{err}"
+            );
+        }
+        c => panic!("the stalled process ended with {c:?}: {out:?}"),
+    }
 }
 
 #[test]
@@ -337,7 +362,11 @@ fn run_worker(mode: &str) -> R {
 /// watchdog has fired, so the all_reduce queued behind it cannot complete.
 fn stall_one(world: &WorldInfo, gpu: &Ctx) -> R {
     let e = |e: llmft_shard::Error| e.to_string();
-    let pg = NcclGroup::connect(world, gpu, &nccl_cfg(Duration::from_millis(300))).map_err(e)?;
+    let cfg = GroupConfig {
+        exit_after_abort: Some(Duration::from_secs(2)),
+        ..nccl_cfg(Duration::from_millis(300))
+    };
+    let pg = NcclGroup::connect(world, gpu, &cfg).map_err(e)?;
     let flag = Tensor::zeros(gpu, DType::I32, &[1]).unwrap();
     let mut x = Tensor::zeros(gpu, DType::F32, &[1000]).unwrap();
     // NCCL connects lazily at a communicator's first collective, on the

@@ -175,9 +175,8 @@ struct Fused {
 }
 
 /// Whether the fused kernels of head dim `d` run on `g`'s kernel path; says
-/// so where they do not (the path's shared memory is too small: sm_75 and
-/// older paths for 64, sm_86/89 and older for 128; models then take the
-/// materialized attention).
+/// so where they do not (the path's shared memory is too small: the sm_61
+/// path for head dim 128; models then take the materialized attention).
 fn runs_here(g: &Ctx, dt: DType, d: usize) -> bool {
     let ok = ops::flash_attn_supported(g, dt, d);
     if !ok {
@@ -587,11 +586,31 @@ fn cuda_rejects_unsupported_head_dim() {
     let Some(g) = gpu() else { return };
     assert!(!ops::flash_attn_supported(&g, DType::BF16, 24));
     assert!(!ops::flash_attn_supported(&g, DType::F32, 64));
-    // Head dim 128 needs the backward's 155 KiB of shared memory per block.
+    // The backward takes the largest tiles the path's shared memory allows
+    // (bytes per block, worked out from flash_attn.cu's layout): 128 keys ×
+    // 64 queries, then 64 × 32, then (head dim 128 only) 64 × 16.
     let cu = g.cuda_ctx().unwrap();
+    let max = cu.max_shared_per_block();
+    let pick = |sizes: &[(usize, (usize, usize))]| sizes.iter().find(|s| s.0 <= max).map(|s| s.1);
+    let want128 = pick(&[(159_232, (128, 64)), (75_520, (64, 32)), (55_680, (64, 16))]);
+    let want64 = pick(&[(93_696, (128, 64)), (42_752, (64, 32))]);
+    println!(
+        "RESULT op=flash_attn bwd_tiles path=sm_{}{} max_smem={max} d64={want64:?} d128={want128:?}",
+        cu.path_arch().0,
+        cu.path_arch().1
+    );
+    assert_eq!(ops::flash_attn_bwd_tiles(&g, 128), want128);
+    assert_eq!(ops::flash_attn_bwd_tiles(&g, 64), want64);
+    assert_eq!(ops::flash_attn_bwd_tiles(&g, 32), None);
+    assert_eq!(ops::flash_attn_bwd_tiles(&Ctx::cpu(), 128), None);
+    // The forward for head dim 128 takes 51.1 KiB.
     assert_eq!(
         ops::flash_attn_supported(&g, DType::BF16, 128),
-        cu.max_shared_per_block() >= 159_232
+        want128.is_some() && max >= 52_352
+    );
+    assert_eq!(
+        ops::flash_attn_supported(&g, DType::BF16, 64),
+        want64.is_some()
     );
     assert!(ops::flash_attn_supported(&g, DType::F16, 32));
     let q = Tensor::zeros(&g, DType::BF16, &[1, 1, 4, 24]).unwrap();

@@ -134,6 +134,12 @@ fn estimates_agree_with_the_measured_peaks() {
             {
                 continue;
             }
+            // The estimate follows the fused attention; rows that say they
+            // took the materialized one (an earlier build on a forced
+            // kernel path) are there for their speed.
+            if v.get("attention").and_then(Value::as_str) == Some("materialized") {
+                continue;
+            }
             let est = estimate(&job_of(&v));
             let tag = v.get("tag").and_then(Value::as_str).unwrap_or("");
             let mut check = |what: &str, measured: f64, estimated: f64| {

@@ -30,6 +30,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use llmft_shard::WATCHDOG_EXIT_STATUS;
 use llmft_tensor::{Ctx, Element, Tensor};
 
 /// The exit code of a worker whose run returned an error.
@@ -241,8 +242,9 @@ impl Job {
 
     /// Waits for every rank; the exit codes (`None`: killed by a signal)
     /// and what each printed, by position. After `within` it kills them all
-    /// and fails with what they printed; an exit code other than 0 and
-    /// [`FAILED`] fails with that rank's output.
+    /// and fails with what they printed; an exit code other than 0,
+    /// [`FAILED`] and the NCCL watchdog's [`WATCHDOG_EXIT_STATUS`] fails
+    /// with that rank's output.
     pub fn finish(mut self, within: Duration) -> (Vec<Option<i32>>, Vec<Output>) {
         let deadline = Instant::now() + within;
         let mut codes = vec![None; self.children.len()];
@@ -266,7 +268,7 @@ impl Job {
         }
         let out = self.collect();
         for (i, code) in codes.iter().enumerate() {
-            if code.is_some_and(|c| c != 0 && c != FAILED) {
+            if code.is_some_and(|c| ![0, FAILED, WATCHDOG_EXIT_STATUS].contains(&c)) {
                 panic!("rank {} exited with {code:?}: {:?}", self.ranks[i], out[i]);
             }
         }

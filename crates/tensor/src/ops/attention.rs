@@ -33,18 +33,55 @@ const TILE: usize = 64;
 /// Threads per CUDA block (4 warps).
 const THREADS: u32 = 128;
 
+/// Kernel names per (dtype, head dim), in the order of [`CUDA_HEAD_DIMS`]
+/// (bf16 first, then f16), with an optional tiling suffix.
+macro_rules! names {
+    ($base:literal) => {
+        names!($base, "")
+    };
+    ($base:literal, $tiles:literal) => {
+        [
+            concat!($base, "_bf16_d16", $tiles),
+            concat!($base, "_bf16_d32", $tiles),
+            concat!($base, "_bf16_d64", $tiles),
+            concat!($base, "_bf16_d128", $tiles),
+            concat!($base, "_f16_d16", $tiles),
+            concat!($base, "_f16_d32", $tiles),
+            concat!($base, "_f16_d64", $tiles),
+            concat!($base, "_f16_d128", $tiles),
+        ]
+    };
+}
 /// Whether [`flash_attn_fwd`]/[`flash_attn_bwd`] run on `ctx` for `dtype`
 /// and `head_dim`: always on the CPU; on CUDA for bf16/f16 with head dims
-/// 16, 32, 64 or 128 (callers fall back to materialized attention otherwise).
+/// 16, 32, 64 or 128 where the kernel path allows the shared memory a block
+/// needs (callers fall back to materialized attention otherwise; see
+/// [`flash_attn_bwd_tiles`]).
 pub fn flash_attn_supported(ctx: &Ctx, dtype: DType, head_dim: usize) -> bool {
     match ctx.cuda_ctx() {
         None => FLOATS.contains(&dtype),
         Some(cu) => {
             matches!(dtype, DType::BF16 | DType::F16)
                 && CUDA_HEAD_DIMS.contains(&head_dim)
-                && smem_need(head_dim) <= cu.max_shared_per_block()
+                && (!tiled2(head_dim)
+                    || (fwd_smem(head_dim) <= cu.max_shared_per_block()
+                        && bwd_tiles(head_dim, cu.max_shared_per_block()).is_some()))
         }
     }
+}
+
+/// The keys and queries per block of the CUDA backward for `head_dim` on
+/// `ctx`: the largest tiles whose shared memory the kernel path allows
+/// (128 × 64 needs 155.5 KiB at head dim 128, so sm_80/90; 64 × 32 takes
+/// 73.8 KiB, sm_86/89 and sm_70; 64 × 16 54.4 KiB, sm_75). `None` on the
+/// CPU, for head dims 16 and 32 (their first kernels take 64 × 64 in static
+/// memory) and where nothing fits.
+pub fn flash_attn_bwd_tiles(ctx: &Ctx, head_dim: usize) -> Option<(usize, usize)> {
+    let cu = ctx.cuda_ctx()?;
+    if !tiled2(head_dim) {
+        return None;
+    }
+    bwd_tiles(head_dim, cu.max_shared_per_block()).map(|t| (t.keys, t.queries))
 }
 
 /// The dynamic shared memory of the FA2 forward kernel for head dim `d`.
@@ -54,21 +91,58 @@ fn fwd_smem(d: usize) -> usize {
     (128 + 2 * bn) * (d + 8) * 2 + bn * 4
 }
 
-/// The dynamic shared memory of the FA2 backward kernel for head dim `d`.
-fn bwd_smem(d: usize) -> usize {
-    (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 6 * 64 * 4
+/// One tiling of the FA2 backward kernel (`flash_attn2_bwd_*` in
+/// flash_attn.cu): keys per block (a warp per 16), queries per tile.
+struct BwdTiles {
+    keys: usize,
+    queries: usize,
+    /// Its kernels, in the order of [`names!`].
+    names: [&'static str; 8],
+    /// Head dims it is instantiated for.
+    dims: &'static [usize],
 }
 
-/// The most dynamic shared memory a block of head dim `d`'s kernels takes
-/// (0 for the first kernels, which use static memory under 48 KB). GPUs
-/// whose kernel path allows less (sm_86/89 and older for head dim 128,
-/// sm_75 and older for 64) take the materialized attention instead.
-fn smem_need(d: usize) -> usize {
-    if tiled2(d) {
-        fwd_smem(d).max(bwd_smem(d))
-    } else {
-        0
+/// The backward tilings, largest first.
+const BWD_TILES: [BwdTiles; 3] = [
+    BwdTiles {
+        keys: 128,
+        queries: 64,
+        names: names!("flash_attn2_bwd", ""),
+        dims: &[64, 128],
+    },
+    BwdTiles {
+        keys: 64,
+        queries: 32,
+        names: names!("flash_attn2_bwd", "_n64m32"),
+        dims: &[64, 128],
+    },
+    BwdTiles {
+        keys: 64,
+        queries: 16,
+        names: names!("flash_attn2_bwd", "_n64m16"),
+        dims: &[128],
+    },
+];
+
+impl BwdTiles {
+    /// Its dynamic shared memory for head dim `d`: K and V, two buffers of
+    /// Q and dO tiles, dSᵀ and the per-query terms.
+    fn smem(&self, d: usize) -> usize {
+        let (n, m) = (self.keys, self.queries);
+        (2 * n + 4 * m) * (d + 8) * 2 + n * (m + 8) * 2 + 6 * m * 4
     }
+
+    /// Threads per block.
+    fn threads(&self) -> u32 {
+        (self.keys / 16 * 32) as u32
+    }
+}
+
+/// The largest backward tiling for head dim `d` within `max_smem` bytes.
+fn bwd_tiles(d: usize, max_smem: usize) -> Option<&'static BwdTiles> {
+    BWD_TILES
+        .iter()
+        .find(|t| t.dims.contains(&d) && t.smem(d) <= max_smem)
 }
 
 /// The checked dimensions of one call.
@@ -136,29 +210,12 @@ fn check(
     Ok(dims)
 }
 
-/// Kernel names per (dtype, head dim), in the order of [`CUDA_HEAD_DIMS`]
-/// (bf16 first, then f16).
-macro_rules! names {
-    ($base:literal) => {
-        [
-            concat!($base, "_bf16_d16"),
-            concat!($base, "_bf16_d32"),
-            concat!($base, "_bf16_d64"),
-            concat!($base, "_bf16_d128"),
-            concat!($base, "_f16_d16"),
-            concat!($base, "_f16_d32"),
-            concat!($base, "_f16_d64"),
-            concat!($base, "_f16_d128"),
-        ]
-    };
-}
 // The first kernels exist for head dims 16 and 32, the FA2 ones for 64 and
 // 128 (see `tiled2`); the pre-pass for all four.
 const FWD: [&str; 8] = names!("flash_attn_fwd");
 const BWD_PRE: [&str; 8] = names!("flash_attn_bwd_pre");
 const BWD: [&str; 8] = names!("flash_attn_bwd");
 const FWD2: [&str; 8] = names!("flash_attn2_fwd");
-const BWD2: [&str; 8] = names!("flash_attn2_bwd");
 
 /// The launch shape of this call's forward or backward kernel.
 struct Launch {
@@ -193,25 +250,44 @@ fn fwd_launch(ki: usize, dm: &Dims) -> Launch {
     }
 }
 
-/// Backward: 128 keys per block of 256 threads with K, V, two buffers of
-/// Q and dO tiles, dSᵀ and the per-query terms in dynamic shared memory
-/// (64 keys per block of 128 threads, static memory, with the first kernels).
-fn bwd_launch(ki: usize, dm: &Dims) -> Launch {
+/// Backward: with the FA2 kernels, [`bwd_tiles`]' keys per block (a warp
+/// per 16) with K, V, two buffers of Q and dO tiles, dSᵀ and the per-query
+/// terms in dynamic shared memory; 64 keys per block of 128 threads, static
+/// memory, with the first kernels. Also the queries per tile (the
+/// deterministic mode keeps a counter per tile).
+fn bwd_launch(cu: &crate::cuda::CudaCtx, ki: usize, dm: &Dims) -> Result<(Launch, usize)> {
     if tiled2(dm.d) {
-        let smem = bwd_smem(dm.d);
-        return Launch {
-            name: BWD2[ki],
+        let Some(tiles) = bwd_tiles(dm.d, cu.max_shared_per_block()) else {
+            let least = BWD_TILES.iter().filter(|t| t.dims.contains(&dm.d));
+            return Err(Error::Invalid {
+                op: "flash_attn",
+                msg: format!(
+                    "the backward for head dim {} needs at least {} KiB of shared memory per \
+                     block but the sm_{}{} kernel path allows {} KiB (see flash_attn_supported: \
+                     the materialized attention runs instead)",
+                    dm.d,
+                    least.map(|t| t.smem(dm.d)).min().unwrap_or(0) / 1024,
+                    cu.path_arch().0,
+                    cu.path_arch().1,
+                    cu.max_shared_per_block() / 1024
+                ),
+            });
+        };
+        let l = Launch {
+            name: tiles.names[ki],
             cfg: LaunchConfig {
-                grid_dim: ((dm.b * dm.hkv) as u32, dm.t.div_ceil(128) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: smem as u32,
+                grid_dim: ((dm.b * dm.hkv) as u32, dm.t.div_ceil(tiles.keys) as u32, 1),
+                block_dim: (tiles.threads(), 1, 1),
+                shared_mem_bytes: tiles.smem(dm.d) as u32,
             },
         };
+        return Ok((l, tiles.queries));
     }
-    Launch {
+    let l = Launch {
         name: BWD[ki],
         cfg: grid(dm.t.div_ceil(TILE), dm.b * dm.hkv),
-    }
+    };
+    Ok((l, TILE))
 }
 
 /// Lets `l`'s kernel take its dynamic shared memory (above the default 48 KB).
@@ -616,9 +692,10 @@ fn bwd_impl(
         let dsum = Tensor::empty(ctx, DType::F32, &[b, hq, t])?;
         let acc = Tensor::empty(ctx, DType::F32, &[b, hq, t, d])?;
         let (dsp, accp) = (dsum.device_ptr()?, acc.device_ptr()?);
-        // Deterministic mode: one counter per (query head, 64-query tile).
+        let (l, tile_queries) = bwd_launch(cu, ki, &dm)?;
+        // Deterministic mode: one counter per (query head, query tile).
         let locks = (tiled2(d) && deterministic_attention())
-            .then(|| Tensor::zeros(ctx, DType::I32, &[b * hq * t.div_ceil(64)]))
+            .then(|| Tensor::zeros(ctx, DType::I32, &[b * hq * t.div_ceil(tile_queries)]))
             .transpose()?;
         let lkp = locks
             .as_ref()
@@ -647,7 +724,6 @@ fn bwd_impl(
             hq as i32,
             tok as i32
         )?;
-        let l = bwd_launch(ki, &dm);
         allow_smem(cu, &l)?;
         launch!(
             cu,

@@ -19,8 +19,8 @@ mod swiglu;
 
 pub use adamw::{adamw_step, adamw_step_multi, AdamWParams};
 pub use attention::{
-    deterministic_attention, flash_attn_bwd, flash_attn_bwd_tokens, flash_attn_fwd,
-    flash_attn_fwd_tokens, flash_attn_supported, set_deterministic_attention,
+    deterministic_attention, flash_attn_bwd, flash_attn_bwd_tiles, flash_attn_bwd_tokens,
+    flash_attn_fwd, flash_attn_fwd_tokens, flash_attn_supported, set_deterministic_attention,
 };
 pub use basic::{cast, fill, fill_multi};
 pub use elementwise::{add, axpby, mul};
