@@ -137,7 +137,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let t_load = Instant::now();
     let offload = a.job.offload();
     let plan_settings = crate::config::Settings {
-        offload: offload.clone(),
+        offload,
         model: crate::config::ModelSettings {
             checkpointing: a.job.checkpointing,
             checkpoint_keep_attention: a.job.keep_attention,

@@ -58,37 +58,8 @@ impl Default for ModelSettings {
     }
 }
 
-/// What lives in host memory instead of the GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OffloadSettings {
-    /// Frozen base weights in pinned host memory, each unit copied to the
-    /// GPU just ahead of use (overlapping compute) into reused buffers.
-    pub params: bool,
-    /// Under checkpointing, each layer's kept input and attention record in
-    /// pinned host memory between its forward and its backward.
-    pub activations: bool,
-    /// AdamW's f32 moments (and full training's f32 masters) in pinned host
-    /// memory, the update on the host's cores (ZeRO-Offload style).
-    pub optimizer: bool,
-    /// With `params`: units copied ahead of the one computing.
-    pub lookahead: usize,
-    /// With `params`: the embedding stays on the GPU (every pass starts with
-    /// it, where nothing hides its copy; 1 GiB at 8B, 0.5 GiB at 70B).
-    pub keep_embedding: bool,
-}
-
-impl Default for OffloadSettings {
-    fn default() -> Self {
-        Self {
-            params: false,
-            activations: false,
-            optimizer: false,
-            lookahead: 1,
-            keep_embedding: true,
-        }
-    }
-}
+/// What lives in host memory instead of the GPU (`[offload]`).
+pub use llmft_trainer::OffloadSettings;
 
 /// How the ranks of a multi-process job split the work (`[dist]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -432,7 +432,7 @@ fn spec_of_settings(
         keep_attention: s.model.checkpoint_keep_attention,
         skip_layers: s.model.checkpoint_skip_layers,
         cache_dequantized: s.model.checkpoint_cache_dequantized,
-        offload: crate::shape::offload_spec(&s.offload),
+        offload: s.offload,
         world_size: world,
         sharded: sharding != Sharding::NoShard && world > 1,
         sharding,

@@ -5,7 +5,7 @@
 use clap::Args;
 use llmft_models::ModelConfig;
 use llmft_tensor::DType;
-use llmft_trainer::estimate::{JobSpec, OffloadSpec, Sharding};
+use llmft_trainer::estimate::{JobSpec, Sharding};
 use llmft_trainer::TrainType;
 use serde_json::json;
 
@@ -179,23 +179,12 @@ impl JobFlags {
             keep_attention: self.keep_attention,
             skip_layers: self.skip_layers,
             cache_dequantized: self.cache_dequantized,
-            offload: offload_spec(&o),
+            offload: o,
             world_size,
             sharded: sharding != Sharding::NoShard && world_size > 1,
             sharding,
             simulated,
         })
-    }
-}
-
-/// The estimate's view of the `[offload]` settings.
-pub fn offload_spec(o: &crate::config::OffloadSettings) -> OffloadSpec {
-    OffloadSpec {
-        params: o.params,
-        activations: o.activations,
-        optimizer: o.optimizer,
-        lookahead: o.lookahead,
-        keep_embedding: o.keep_embedding,
     }
 }
 

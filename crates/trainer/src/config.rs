@@ -258,3 +258,36 @@ mod tests {
             .contains("grad_accum"));
     }
 }
+
+/// What lives in host memory instead of the GPU (`[offload]` of a job's
+/// config; also what [`crate::estimate::JobSpec`] takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffloadSettings {
+    /// Frozen base weights in pinned host memory, each unit copied to the
+    /// GPU just ahead of use (overlapping compute) into reused buffers.
+    pub params: bool,
+    /// Under checkpointing, each layer's kept input and attention record in
+    /// pinned host memory between its forward and its backward.
+    pub activations: bool,
+    /// AdamW's f32 moments (and full training's f32 masters) in pinned host
+    /// memory, the update on the host's cores (ZeRO-Offload style).
+    pub optimizer: bool,
+    /// With `params`: units copied ahead of the one computing.
+    pub lookahead: usize,
+    /// With `params`: the embedding stays on the GPU (every pass starts with
+    /// it, where nothing hides its copy; 1 GiB at 8B, 0.5 GiB at 70B).
+    pub keep_embedding: bool,
+}
+
+impl Default for OffloadSettings {
+    fn default() -> Self {
+        Self {
+            params: false,
+            activations: false,
+            optimizer: false,
+            lookahead: 1,
+            keep_embedding: true,
+        }
+    }
+}

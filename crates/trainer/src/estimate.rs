@@ -20,7 +20,7 @@ use llmft_tensor::cuda::size_class;
 use llmft_tensor::DType;
 use serde::Serialize;
 
-use crate::TrainType;
+use crate::{OffloadSettings, TrainType};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -55,33 +55,6 @@ pub enum Sharding {
     },
 }
 
-/// The `[offload]` settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct OffloadSpec {
-    /// Frozen units' home in pinned host memory, streamed in ahead of use.
-    pub params: bool,
-    /// Checkpointed layers' records in pinned host memory.
-    pub activations: bool,
-    /// AdamW moments and masters in host memory, the update on the host.
-    pub optimizer: bool,
-    /// Units prefetched ahead of use.
-    pub lookahead: usize,
-    /// Under `params`, the embedding stays on the GPU.
-    pub keep_embedding: bool,
-}
-
-impl Default for OffloadSpec {
-    fn default() -> Self {
-        Self {
-            params: false,
-            activations: false,
-            optimizer: false,
-            lookahead: 1,
-            keep_embedding: true,
-        }
-    }
-}
-
 /// Everything about a job that decides its memory.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -112,7 +85,7 @@ pub struct JobSpec {
     /// recompute and backward.
     pub cache_dequantized: bool,
     /// The `[offload]` settings.
-    pub offload: OffloadSpec,
+    pub offload: OffloadSettings,
     /// Ranks of the job.
     pub world_size: usize,
     /// How the weights are split over the ranks.

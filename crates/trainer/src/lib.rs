@@ -58,7 +58,7 @@ pub use checkpoint::{
     read_manifest, read_state, verify as verify_checkpoint, Manifest, ManifestEntry, TrainerState,
     FAULT_KILL_AT_ENV, MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
 };
-pub use config::{NanPolicy, ScheduleKind, TrainConfig, TrainType};
+pub use config::{NanPolicy, OffloadSettings, ScheduleKind, TrainConfig, TrainType};
 pub use dist::{DataParallel, BUCKET_ELEMS};
 pub use error::{Error, Result};
 pub use metrics::MetricsWriter;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use llmft_models::ModelConfig;
 use llmft_tensor::DType;
-use llmft_trainer::estimate::{estimate, JobSpec, OffloadSpec, Sharding};
-use llmft_trainer::TrainType;
+use llmft_trainer::estimate::{estimate, JobSpec, Sharding};
+use llmft_trainer::{OffloadSettings, TrainType};
 use serde_json::Value;
 
 /// Result files measured before the code whose memory the estimate
@@ -65,7 +65,7 @@ fn job_of(v: &Value) -> JobSpec {
         _ => DType::F32,
     };
     let o = v.get("offload").cloned().unwrap_or(Value::Null);
-    let offload = OffloadSpec {
+    let offload = OffloadSettings {
         params: b(&o, "params", false),
         activations: b(&o, "activations", false),
         optimizer: b(&o, "optimizer", false),
