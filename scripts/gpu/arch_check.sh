@@ -8,6 +8,17 @@
 #   here:  scripts/gpu/build.sh llmft-tensor llmft-lora llmft-quant llmft-models llmft-trainer
 #   there: bash scripts/gpu/arch_check.sh            # or: ... tests | train | bench
 # The parts can run in separate calls (each well under 10 minutes on an H200).
+# ARCH_PATHS (default "70 75 native") and ARCH_TESTS (test binary names of the
+# bundle) choose what `tests` runs. `tiles` compares the attention backward's
+# tilings: `llmft bench` of the same jobs with this build and with an earlier
+# one at .gpu/old/llmft (from before the 64 × 32 / 64 × 16 tiles, so it took
+# the materialized attention on the sm_86 and sm_75 paths), with
+# `llmft estimate` of each; the earlier one comes from
+# `git worktree add <dir> <commit>; cargo build --release -p llmft`, stripped.
+# Run 2 of benches/results/arch/:
+#   ARCH_PATHS="native 86 75 70" ARCH_TESTS="llmft-tensor__test__attention
+#   llmft-models__test__reference llmft-models__test__checkpointing" arch_check.sh tests
+#   arch_check.sh tiles
 # Writes under $OUT: arch_check-<part>.jsonl (one JSON object per check), tests-*.log,
 # train-*/ (metrics.jsonl of each run), bench-*.json, device.txt.
 # ARCH_TRAIN_TOL (default 0.03): the largest relative loss difference allowed.
@@ -33,11 +44,11 @@ jl="$OUT/arch_check-$what.jsonl"
 
 # 1. CUDA-vs-CPU tests on the sm_70 and sm_75 paths (and the normal path).
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  for arch in 70 75 native; do
-    for t in "$bin"/test/llmft-tensor__test__cuda_vs_cpu "$bin"/test/llmft-tensor__test__attention \
-             "$bin"/test/llmft-tensor__test__multi_tensor "$bin"/test/llmft-lora__test__cuda_vs_cpu \
-             "$bin"/test/llmft-quant__test__gpu "$bin"/test/llmft-models__test__reference \
-             "$bin"/test/llmft-trainer__test__parity; do
+  for arch in ${ARCH_PATHS:-70 75 native}; do
+    for b in ${ARCH_TESTS:-llmft-tensor__test__cuda_vs_cpu llmft-tensor__test__attention \
+             llmft-tensor__test__multi_tensor llmft-lora__test__cuda_vs_cpu llmft-quant__test__gpu \
+             llmft-models__test__reference llmft-trainer__test__parity}; do
+      t="$bin/test/$b"
       [ -x "$t" ] || { echo "{\"check\":\"cuda_vs_cpu\",\"arch\":\"$arch\",\"binary\":\"$(basename "$t")\",\"status\":\"missing\"}" >> "$jl"; continue; }
       name=$(basename "$t")
       log="$OUT/tests-$arch-$name.log"
@@ -51,7 +62,10 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
       sum=$(grep -E '^test result:' "$log" | tail -1)
       p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$sum"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$sum")
       path=$(grep -m1 -o 'kernels: sm_[0-9]* path[^;]*' "$log" | head -1)
-      echo "{\"check\":\"cuda_vs_cpu\",\"arch\":\"$arch\",\"binary\":\"$name\",\"passed\":${p:-0},\"failed\":${f:-0},\"rc\":$rc,\"seconds\":$secs,\"path_line\":\"${path//\"/}\"}" | tee -a "$jl"
+      # The attention test names the backward tiles the path picked.
+      tiles=$(grep -m1 -o 'bwd_tiles path=[^"]*' "$log" | head -1)
+      skipped=$(grep -c 'skipped' "$log")
+      echo "{\"check\":\"cuda_vs_cpu\",\"arch\":\"$arch\",\"binary\":\"$name\",\"passed\":${p:-0},\"failed\":${f:-0},\"rc\":$rc,\"seconds\":$secs,\"skip_lines\":$skipped,\"path_line\":\"${path//\"/}\",\"tiles\":\"$tiles\"}" | tee -a "$jl"
     done
   done
 fi
@@ -133,6 +147,52 @@ print(json.dumps({"check": "throughput", "path": arch, "rc": rc,
                   "peak_gib": b.get("peak_gib", b.get("peak_allocated_gib")),
                   "loss_first": b.get("loss_first"), "loss_last": b.get("loss_last")}))
 PY
+  done
+fi
+# 4. Throughput and peak of the same jobs: this build's tilings against the
+#    materialized attention of the earlier build on the sm_86 and sm_75
+#    paths, and the native path's 128 × 64 tiles for reference.
+if [ "$what" = tiles ]; then
+  old=.gpu/old/llmft
+  common=(--steps 6 --warmup 2 --gemm-size 0)
+  jobs=(
+    "8b-8l qlora bf16 2048x2|--model llama3-8b --layers 8 --train-type qlora --seq 2048 --micro-batch 2"
+    "70b-4l qlora bf16 2048x1|--model llama2-70b --layers 4 --train-type qlora --seq 2048 --micro-batch 1"
+    "8b-8l qlora f16 2048x1|--model llama3-8b --layers 8 --train-type qlora --seq 2048 --micro-batch 1 --dtype f16"
+  )
+  for j in "${jobs[@]}"; do
+    tag=${j%%|*}; flags=${j#*|}
+    case "$tag" in
+      *" f16 "*) runs="new:native new:75 old:75" ;;
+      *) runs="new:native new:86 old:86" ;;
+    esac
+    for r in $runs; do
+      build=${r%%:*}; arch=${r#*:}
+      b="$bin/llmft"; [ "$build" = old ] && b=$old
+      f="$OUT/bench-${tag// /_}-$build-$arch"
+      # shellcheck disable=SC2086
+      if [ "$arch" = native ]; then
+        env -u LLMFT_KERNEL_ARCH "$b" bench $flags "${common[@]}" --json "$f.json" > "$f.log" 2>&1; rc=$?
+      else
+        LLMFT_KERNEL_ARCH=$arch "$b" bench $flags "${common[@]}" --json "$f.json" > "$f.log" 2>&1; rc=$?
+      fi
+      python3 - "$f.json" "$tag" "$build" "$arch" "$rc" <<'PY' | tee -a "$jl"
+import json, sys
+p, tag, build, arch, rc = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+try:
+    b = json.load(open(p))
+except Exception:
+    b = {}
+attn = {("new", "native"): "fused 128x64", ("new", "86"): "fused 64x32",
+        ("new", "75"): "fused 64x16", ("old", "86"): "materialized",
+        ("old", "75"): "materialized"}[(build, arch)]
+b.update({"tag": tag, "build": build, "kernel_path": arch, "attention": attn, "rc": rc,
+          "simulated": False})
+print(json.dumps(b))
+PY
+    done
+    # shellcheck disable=SC2086
+    "$bin/llmft" estimate $flags --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps({"tag": sys.argv[1], "estimate_gpu_peak_gib": v["gpu_peak_gib"]}))' "$tag" | tee -a "$jl"
   done
 fi
 echo "wrote $jl"
