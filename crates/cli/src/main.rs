@@ -179,6 +179,18 @@ fn env_report() -> Result<(), String> {
                 total as f64 / (1u64 << 30) as f64
             );
             println!("    {}", cu.kernel_path().describe());
+            // Where the shared memory is short, the fused attention's
+            // backward takes smaller tiles (or the attention is materialized).
+            let tiles = |d: usize| {
+                llmft_tensor::ops::flash_attn_bwd_tiles(&ctx, d)
+                    .map(|(k, q)| format!("{k} keys × {q} queries"))
+                    .unwrap_or_else(|| "none, materialized".into())
+            };
+            println!(
+                "    fused attention backward tiles: head dim 64 {}, head dim 128 {}",
+                tiles(64),
+                tiles(128)
+            );
             if !build.archs().contains(&(maj * 10 + min)) && maj * 10 + min < 75 {
                 println!(
                     "    sm_{maj}{min} needs the CUDA 12 build (NVRTC 13 no longer compiles for it): {}",
@@ -221,7 +233,7 @@ fn env_report() -> Result<(), String> {
     );
     match cuda::nccl_version() {
         Some((a, b, c)) => {
-            println!("NCCL: {a}.{b}.{c} (multi-GPU training arrives with the FSDP work)")
+            println!("NCCL: {a}.{b}.{c} (the backend of multi-GPU jobs)")
         }
         None => println!("NCCL: not found (libnccl.so.2); only needed for multi-GPU training"),
     }

@@ -33,6 +33,12 @@ fn env_names_the_cuda_build() {
     assert!(out.contains("CUDA driver: "), "{out}");
     if out.contains("GPUs: 0") {
         assert!(!out.contains("kernels: sm_"), "{out}");
+    } else if !out.contains("CUDA driver: not found") {
+        // Each GPU's line of attention tiles (128 × 64 on sm_80/90).
+        assert!(
+            out.contains("    fused attention backward tiles: head dim 64 "),
+            "{out}"
+        );
     }
 }
 
