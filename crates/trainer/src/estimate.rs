@@ -191,6 +191,16 @@ fn linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
 }
 
 impl JobSpec {
+    /// Whether the layers' attention runs through the fused kernel, as
+    /// `Layer::fused_attention` decides on a GPU: bf16/f16 with head dim 64
+    /// or 128 (every kernel path from sm_70 on has shared memory for one of
+    /// its backward tilings; sm_61 materializes head dim 128, which this
+    /// does not model). Otherwise the `[B, H, T, T]` probabilities are
+    /// materialized.
+    pub fn fused_attention(&self) -> bool {
+        matches!(self.dtype, DType::BF16 | DType::F16) && matches!(self.config.head_dim, 64 | 128)
+    }
+
     fn quant(&self) -> Option<QuantConfig> {
         match self.train_type {
             TrainType::Qlora | TrainType::BnbDora => Some(QuantConfig::nf4()),
@@ -392,11 +402,16 @@ pub fn estimate(job: &JobSpec) -> Estimate {
             live.add(row(r));
         }
     };
-    // What a recomputed layer keeps.
+    // The materialized attention's `[B, H, T, T]` probabilities (scores,
+    // their gradients) in the compute dtype, where the fused kernel does not run.
+    let fused = job.fused_attention();
+    let square = size_class(job.micro_batch * nh * job.seq * job.seq * dt);
+    // What a recomputed layer keeps (the materialized probabilities are not
+    // kept: the recompute makes them again).
     let record = {
         let mut k = Live::default();
         k.add(row(h));
-        if job.checkpointing && job.keep_attention {
+        if job.checkpointing && job.keep_attention && fused {
             k.add(row(q)).add(f32_row(nh));
             lora_xa(&mut k);
         }
@@ -411,9 +426,13 @@ pub fn estimate(job: &JobSpec) -> Estimate {
             .add(row(q))
             .add(row(kv))
             .add(row(kv)) // q, k, v
-            .add(row(q))
-            .add(f32_row(nh)) // attention output, lse
-            .add(row(h))
+            .add(row(q)); // attention output
+        if fused {
+            a.add(f32_row(nh)); // lse
+        } else {
+            a.add(square); // probabilities
+        }
+        a.add(row(h))
             .add(row(h))
             .add(f32_row(1)) // x2, h2, rstd2
             .n(3, row(f)); // gate, up, act
@@ -469,9 +488,14 @@ pub fn estimate(job: &JobSpec) -> Estimate {
         attn.n(2, row(h)) // dh2, dx2
             .add(row(q)) // dattn
             .add(row(q))
-            .n(2, row(kv)) // dq, dk, dv
-            .add(f32_row(q))
-            .add(f32_row(nh)); // the kernel's f32 dq accumulator, dsum
+            .n(2, row(kv)); // dq, dk, dv
+        if fused {
+            attn.add(f32_row(q)).add(f32_row(nh)); // the kernel's f32 dq accumulator, dsum
+        } else {
+            // dP and dS beside the probabilities (dv and dq come after dP).
+            attn.0 -= size_class(row(q)) + size_class(row(kv));
+            attn.n(2, square);
+        }
         let mut proj = base.clone();
         proj.n(2, row(h))
             .n(2, row(q))
@@ -517,10 +541,12 @@ pub fn estimate(job: &JobSpec) -> Estimate {
         } else {
             device_records.saturating_sub(1) * record
         };
+        // The materialized attention: the scores beside their softmax.
+        let scores = if fused { 0 } else { square };
         moment(
             format!("forward of layer {}", l - 1),
             before,
-            acts + size_class(row(h)) + dense_max,
+            acts + size_class(row(h)) + dense_max.max(scores),
         );
     }
     // The head: every record, the final norm's output and gradient, the
