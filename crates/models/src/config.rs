@@ -15,10 +15,19 @@ pub enum Arch {
     Qwen2,
     /// `Qwen3ForCausalLM`: per-head RMSNorm on q and k.
     Qwen3,
+    /// `MistralForCausalLM` (Mistral 7B v0.1–v0.3, Mistral NeMo): Llama's
+    /// layers, with a sliding attention window where the config sets one
+    /// (see [`ModelConfig::sliding_window`]).
+    Mistral,
 }
 
 /// The `architectures` values llmft accepts.
-pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+pub const SUPPORTED: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
 
 /// A decoder-only transformer's shape and numerics.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +62,12 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Std of the random initialization.
     pub initializer_range: f32,
+    /// The sliding attention window, where the model has one in use
+    /// (Mistral 7B v0.1's 4096; Qwen2/3 only with `use_sliding_window`): a
+    /// query sees only the keys fewer than this many positions back. llmft's
+    /// attention is full causal, which equals it on rows of up to this many
+    /// tokens, so the model refuses longer rows (and generations).
+    pub sliding_window: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +98,8 @@ struct Raw {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     initializer_range: Option<f32>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
 }
 
 impl ModelConfig {
@@ -109,6 +126,7 @@ impl ModelConfig {
             .or_else(|| {
                 raw.model_type.as_deref().map(|t| match t {
                     "llama" => "LlamaForCausalLM".to_string(),
+                    "mistral" => "MistralForCausalLM".to_string(),
                     "qwen2" => "Qwen2ForCausalLM".to_string(),
                     "qwen3" => "Qwen3ForCausalLM".to_string(),
                     other => other.to_string(),
@@ -117,6 +135,7 @@ impl ModelConfig {
             .ok_or_else(|| err("neither `architectures` nor `model_type` is set".into()))?;
         let arch = match arch_name.as_str() {
             "LlamaForCausalLM" => Arch::Llama,
+            "MistralForCausalLM" => Arch::Mistral,
             "Qwen2ForCausalLM" => Arch::Qwen2,
             "Qwen3ForCausalLM" => Arch::Qwen3,
             other => {
@@ -193,6 +212,16 @@ impl ModelConfig {
                 raw.num_hidden_layers
             )));
         }
+        // Mistral applies `sliding_window` whenever it is set; Qwen2/3 carry
+        // one that only `use_sliding_window` turns on.
+        let sliding_window = match arch {
+            Arch::Mistral => raw.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(err("sliding_window must be positive (or null)".into()));
+        }
         Ok(Self {
             arch,
             vocab_size: raw.vocab_size,
@@ -209,11 +238,13 @@ impl ModelConfig {
             attention_bias: raw.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: arch == Arch::Qwen3,
             initializer_range: raw.initializer_range.unwrap_or(0.02),
+            sliding_window,
         })
     }
 
     /// Named real shapes for benchmarks: `llama3-8b`, `llama2-7b`,
-    /// `llama2-70b`, `llama3-70b`, `qwen2.5-7b`, `qwen3-8b`.
+    /// `llama2-70b`, `llama3-70b`, `mistral-7b` (v0.3), `qwen2.5-7b`,
+    /// `qwen3-8b`.
     pub fn preset(name: &str) -> Result<Self> {
         let llama3 = RopeScaling::Llama3 {
             factor: 8.0,
@@ -237,12 +268,14 @@ impl ModelConfig {
             attention_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
             initializer_range: 0.02,
+            sliding_window: None,
         };
         Ok(match name {
             "llama3-8b" | "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 500000.0, llama3),
             "llama3-70b" | "llama3.1-70b" => base(Arch::Llama, 128256, 8192, 28672, 80, 64, 8, 500000.0, llama3),
             "llama2-7b" => base(Arch::Llama, 32000, 4096, 11008, 32, 32, 32, 10000.0, RopeScaling::Default),
             "llama2-70b" => base(Arch::Llama, 32000, 8192, 28672, 80, 64, 8, 10000.0, RopeScaling::Default),
+            "mistral-7b" => base(Arch::Mistral, 32768, 4096, 14336, 32, 32, 8, 1000000.0, RopeScaling::Default),
             "qwen2.5-7b" => base(Arch::Qwen2, 152064, 3584, 18944, 28, 28, 4, 1000000.0, RopeScaling::Default),
             "qwen3-8b" => Self {
                 head_dim: 128,
@@ -252,7 +285,7 @@ impl ModelConfig {
                 return Err(Error::Config {
                     path: "<preset>".into(),
                     msg: format!(
-                        "unknown preset `{other}`; presets: llama3-8b, llama3-70b, llama2-7b, llama2-70b, qwen2.5-7b, qwen3-8b"
+                        "unknown preset `{other}`; presets: llama3-8b, llama3-70b, llama2-7b, llama2-70b, mistral-7b, qwen2.5-7b, qwen3-8b"
                     ),
                 })
             }
@@ -263,6 +296,7 @@ impl ModelConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let (arch, model_type) = match self.arch {
             Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Mistral => ("MistralForCausalLM", "mistral"),
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         };
@@ -279,7 +313,7 @@ impl ModelConfig {
                 "original_max_position_embeddings": original_max_position_embeddings,
             }),
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
@@ -288,7 +322,32 @@ impl ModelConfig {
             "rope_scaling": rope_scaling, "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias, "hidden_act": "silu",
             "initializer_range": self.initializer_range,
-        })
+        });
+        match self.arch {
+            Arch::Mistral => json["sliding_window"] = self.sliding_window.into(),
+            Arch::Qwen2 | Arch::Qwen3 => {
+                json["use_sliding_window"] = self.sliding_window.is_some().into();
+                if let Some(w) = self.sliding_window {
+                    json["sliding_window"] = w.into();
+                }
+            }
+            Arch::Llama => {}
+        }
+        json
+    }
+
+    /// Why `tokens` tokens of one sequence cannot run, if they cannot:
+    /// they are more than the sliding window, where full causal attention
+    /// would differ from the model's.
+    pub fn check_window(&self, tokens: usize) -> std::result::Result<(), String> {
+        match self.sliding_window {
+            Some(w) if tokens > w => Err(format!(
+                "{tokens} tokens are more than the model's sliding attention window ({w}, \
+                 config.json `sliding_window`), which llmft does not implement: full causal \
+                 attention equals it only up to {w} tokens"
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Query width `num_heads · head_dim`.
@@ -383,6 +442,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("c.json"), "{e}");
+    }
+
+    /// Mistral's `sliding_window` is in force whenever set (v0.1: 4096;
+    /// v0.2/v0.3: null); Qwen's only with `use_sliding_window`. A row longer
+    /// than the window is refused, and the window survives the export.
+    #[test]
+    fn sliding_windows_are_read_checked_and_written_back() {
+        let cfg = |extra: &str, arch: &str| {
+            format!(
+                r#"{{"architectures":["{arch}"],"vocab_size":128,"hidden_size":64,
+                "intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":4,
+                "num_key_value_heads":2{extra}}}"#
+            )
+        };
+        let p = Path::new("config.json");
+        let v01 =
+            ModelConfig::from_json(&cfg(r#","sliding_window":4096"#, "MistralForCausalLM"), p)
+                .unwrap();
+        assert_eq!((v01.arch, v01.sliding_window), (Arch::Mistral, Some(4096)));
+        assert!(v01.check_window(4096).is_ok());
+        let e = v01.check_window(4097).unwrap_err();
+        assert!(
+            e.contains("4097 tokens") && e.contains("(4096, config.json `sliding_window`)"),
+            "{e}"
+        );
+        let v03 =
+            ModelConfig::from_json(&cfg(r#","sliding_window":null"#, "MistralForCausalLM"), p)
+                .unwrap();
+        assert_eq!(v03.sliding_window, None);
+        assert!(v03.check_window(1 << 20).is_ok());
+        // By model_type alone.
+        let t = cfg("", "x").replace(r#""architectures":["x"]"#, r#""model_type":"mistral""#);
+        assert_eq!(ModelConfig::from_json(&t, p).unwrap().arch, Arch::Mistral);
+        let qwen_off = ModelConfig::from_json(
+            &cfg(
+                r#","sliding_window":131072,"use_sliding_window":false"#,
+                "Qwen2ForCausalLM",
+            ),
+            p,
+        )
+        .unwrap();
+        assert_eq!(qwen_off.sliding_window, None);
+        let qwen_on = ModelConfig::from_json(
+            &cfg(
+                r#","sliding_window":2048,"use_sliding_window":true"#,
+                "Qwen2ForCausalLM",
+            ),
+            p,
+        )
+        .unwrap();
+        assert_eq!(qwen_on.sliding_window, Some(2048));
+        let zero = ModelConfig::from_json(&cfg(r#","sliding_window":0"#, "MistralForCausalLM"), p);
+        assert!(zero
+            .unwrap_err()
+            .to_string()
+            .contains("sliding_window must be positive"));
+        // The export reads back as the same model.
+        for c in [
+            &v01,
+            &v03,
+            &qwen_off,
+            &qwen_on,
+            &ModelConfig::preset("mistral-7b").unwrap(),
+        ] {
+            let back = ModelConfig::from_json(&c.to_hf_json().to_string(), p).unwrap();
+            assert_eq!(&back, c);
+        }
     }
 
     #[test]

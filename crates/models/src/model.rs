@@ -638,6 +638,12 @@ impl Model {
     }
 
     fn check_batch(&self, batch: &ModelBatch) -> Result<()> {
+        if let Err(e) = self.config.check_window(batch.seq) {
+            return Err(Error::Invalid(format!(
+                "a row of {e}; set data.batch.seq_len and data.cutoff_len to at most {}",
+                self.config.sliding_window.unwrap_or(0)
+            )));
+        }
         for (what, t) in [
             ("ids", &batch.ids),
             ("targets", &batch.targets),
@@ -751,6 +757,9 @@ impl Model {
             return Err(Error::Invalid("generate needs a non-empty prompt".into()));
         }
         let cap = prompt.len() + opts.max_new_tokens;
+        self.config.check_window(cap).map_err(|e| {
+            Error::Invalid(format!("generate: the prompt and max_new_tokens make {e}"))
+        })?;
         let mut caches = (0..self.config.num_layers)
             .map(|_| KvCache::new(&self.ctx, self.dtype, &self.config, cap))
             .collect::<Result<Vec<_>>>()?;
