@@ -16,7 +16,7 @@ pub const TRAIN_TYPES: &str = "qlora, lora, hqq_lora, hqq_dora, bnb_dora, int8_l
 #[derive(Args, Debug, Clone)]
 pub struct JobFlags {
     /// Model shape: a preset (llama3-8b, llama3-70b, llama2-7b, llama2-70b,
-    /// qwen2.5-7b, qwen3-8b), `tiny` (a 2-layer Llama small enough for CPU
+    /// mistral-7b, qwen2.5-7b, qwen3-8b), `tiny` (a 2-layer Llama small enough for CPU
     /// runs), a model folder or a hub id (only its config.json is read).
     #[arg(long, default_value = "llama3-8b")]
     pub model: String,
@@ -206,8 +206,8 @@ pub fn model_shape(name: &str, what: &str) -> Result<ModelConfig, String> {
     if let Ok(c) = ModelConfig::preset(name) {
         return Ok(c);
     }
-    let known = "a known model shape (llama3-8b, llama3-70b, llama2-7b, llama2-70b, qwen2.5-7b, \
-                 qwen3-8b, or tiny), a model folder or a hub id";
+    let known = "a known model shape (llama3-8b, llama3-70b, llama2-7b, llama2-70b, mistral-7b, \
+                 qwen2.5-7b, qwen3-8b, or tiny), a model folder or a hub id";
     let path = llmft_models::resolve_config(name)
         .map_err(|e| format!("{what} `{name}` is not {known}: {e}"))?;
     ModelConfig::from_file(&path).map_err(|e| format!("{what} `{name}`: {e}"))

@@ -1,5 +1,5 @@
 //! llmft-models against transformers: logits, loss and every gradient of tiny
-//! Llama-3 / Qwen2 / Qwen3 models (fixtures from
+//! Llama-3 / Qwen2 / Qwen3 / Mistral models (fixtures from
 //! scripts/fixtures/models_make_fixtures.py), on the CPU in f32 and, where a
 //! GPU exists, on CUDA in f32 and bf16.
 use std::path::{Path, PathBuf};
@@ -126,7 +126,7 @@ fn check(kind: &str, ctx: &Ctx, dtype: DType, packed: bool) -> (f64, f64, f64) {
 #[test]
 fn cpu_f32_matches_transformers() {
     let ctx = Ctx::cpu();
-    for kind in ["llama3", "qwen2", "qwen3"] {
+    for kind in ["llama3", "qwen2", "qwen3", "mistral"] {
         for packed in [false, true] {
             let (el, eloss, _) = check(kind, &ctx, DType::F32, packed);
             assert!(
@@ -156,7 +156,7 @@ fn gpu() -> Option<Ctx> {
 #[test]
 fn cuda_f32_and_bf16_match_transformers() {
     let Some(ctx) = gpu() else { return };
-    for kind in ["llama3", "qwen2", "qwen3"] {
+    for kind in ["llama3", "qwen2", "qwen3", "mistral"] {
         for packed in [false, true] {
             let (el, _, _) = check(kind, &ctx, DType::F32, packed);
             assert!(el <= 1e-4, "{kind}: CUDA f32 logits rel. L2 {el:.2e}");
@@ -193,7 +193,7 @@ fn check_f16(kind: &str, ctx: &Ctx, packed: bool) {
 #[test]
 fn cpu_f16_matches_transformers() {
     let ctx = Ctx::cpu();
-    for kind in ["llama3", "qwen2", "qwen3"] {
+    for kind in ["llama3", "qwen2", "qwen3", "mistral"] {
         for packed in [false, true] {
             check_f16(kind, &ctx, packed);
         }
@@ -205,7 +205,7 @@ fn cpu_f16_matches_transformers() {
 #[test]
 fn cuda_f16_matches_transformers() {
     let Some(ctx) = gpu() else { return };
-    for kind in ["llama3", "qwen2", "qwen3"] {
+    for kind in ["llama3", "qwen2", "qwen3", "mistral"] {
         for packed in [false, true] {
             check_f16(kind, &ctx, packed);
         }
@@ -240,7 +240,7 @@ fn checkpointing_gives_identical_gradients() {
 #[test]
 fn kv_cache_generation_matches_full_recompute() {
     let ctx = Ctx::cpu();
-    for kind in ["llama3", "qwen2", "qwen3"] {
+    for kind in ["llama3", "qwen2", "qwen3", "mistral"] {
         let model = Model::from_dir(&fixture_dir(kind), &ctx, DType::F32).unwrap();
         let prompt = vec![5, 17, 42, 8];
         let opts = llmft_models::GenerateOpts {
@@ -269,4 +269,33 @@ fn kv_cache_generation_matches_full_recompute() {
             "{kind}: sampling is seeded"
         );
     }
+}
+
+/// The tiny Mistral's sliding window is 64 tokens: rows and generations up to
+/// it run (full causal attention equals the window there), longer ones are
+/// refused with the setting to change.
+#[test]
+fn rows_longer_than_the_sliding_window_are_refused() {
+    let ctx = Ctx::cpu();
+    let model = Model::from_dir(&fixture_dir("mistral"), &ctx, DType::F32).unwrap();
+    assert_eq!(model.config.sliding_window, Some(64));
+    let ids: Vec<i32> = (0..65).map(|i| i % 96).collect();
+    let fits = ModelBatch::from_host(&ctx, 1, 64, &ids[..64], None, None, None).unwrap();
+    assert!(model.forward_loss(&fits, None).is_ok());
+    let long = ModelBatch::from_host(&ctx, 1, 65, &ids, None, None, None).unwrap();
+    let e = model.forward_loss(&long, None).unwrap_err().to_string();
+    assert!(
+        e.contains("a row of 65 tokens are more than the model's sliding attention window (64")
+            && e.contains("data.batch.seq_len and data.cutoff_len to at most 64"),
+        "{e}"
+    );
+    let opts = llmft_models::GenerateOpts {
+        max_new_tokens: 60,
+        ..Default::default()
+    };
+    let e = model.generate(&ids[..5], &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("generate: the prompt and max_new_tokens make 65 tokens"),
+        "{e}"
+    );
 }
