@@ -219,19 +219,26 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     }
 
     let tokens_per_micro = a.job.micro_batch * a.job.seq;
-    // Each rank draws its own tokens.
-    let mut rng = a.seed ^ 0x5EED_70CE_u64 ^ (world.rank as u64).wrapping_mul(0x9E37_79B9);
+    // The tokens of global micro-batch `g` (step s, rank r, micro-batch j of
+    // `grad_accum`: g = (s·ranks + r)·grad_accum + j) depend on g alone, so a
+    // job at world N and one at world 1 with N times the accumulation train
+    // on the same global batches.
+    let micro_tokens = |g: usize| {
+        let mut rng = a.seed ^ 0x5EED_70CE_u64 ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (0..tokens_per_micro)
+            .map(|_| (next_u64(&mut rng) % config.vocab_size as u64) as i32)
+            .collect::<Vec<i32>>()
+    };
     let mut step_ms = Vec::with_capacity(a.steps);
     let mut fwd_bwd_ms = Vec::with_capacity(a.steps);
     let mut optim_ms = Vec::with_capacity(a.steps);
     let mut losses = Vec::with_capacity(a.steps);
     let mut device_used_max = 0usize;
-    for _ in 0..a.steps {
+    for step in 0..a.steps {
         let mut micro = (0..a.job.grad_accum)
-            .map(|_| {
-                let ids: Vec<i32> = (0..tokens_per_micro)
-                    .map(|_| (next_u64(&mut rng) % config.vocab_size as u64) as i32)
-                    .collect();
+            .map(|j| {
+                let g = (step * ranks + world.rank) * a.job.grad_accum + j;
+                let ids = micro_tokens(g);
                 ModelBatch::from_host(&ctx, a.job.micro_batch, a.job.seq, &ids, None, None, None)
             })
             .collect::<Result<Vec<_>, _>>()
