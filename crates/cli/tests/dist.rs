@@ -30,8 +30,9 @@ fn train_args(out: &Path, sets: &[&str]) -> Vec<String> {
         "train.eval_every=0".into(),
         "--set".into(),
         "data.batch.batch_size=2".into(),
-        // The CPU process group moves host tensors: these jobs train on the
-        // CPU even where a GPU exists (the NCCL runs are scripts/gpu/dist_bench.sh's).
+        // The CPU backend's world-2 jobs train on the CPU even where a GPU
+        // exists; so must the world-1 runs they are compared with (the NCCL
+        // runs are scripts/gpu/dist_bench.sh's).
         "--set".into(),
         "model.device=\"cpu\"".into(),
     ];
