@@ -1,6 +1,7 @@
 //! Multi-process jobs: the world from torchrun's or SLURM's variables, the
-//! device of each rank (its local rank's GPU), the process group of the
-//! `[dist]` backend, and the weight store of the `[dist]` strategy.
+//! device of each rank (its local rank's GPU; the CPU under the CPU
+//! backend), the process group of the `[dist]` backend, and the weight
+//! store of the `[dist]` strategy.
 //!
 //! Every rank runs the same `llmft train`. The trainer splits each global
 //! batch between the ranks and sums gradients over them; the strategy
@@ -38,36 +39,133 @@ pub fn world() -> Result<WorldInfo, String> {
     WorldInfo::from_env().map_err(|e| e.to_string())
 }
 
-/// The compute device of this rank: `model.device`, where `auto` in a world
-/// of several processes means the GPU of the local rank (`cuda:LOCAL_RANK`,
-/// or `cuda:0` when each rank sees one GPU), the CPU when there is none.
+/// Where a rank computes, as [`placement`] decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// CUDA device 0 if a context can be made on it, else the CPU (a single
+    /// process with `auto` for both settings).
+    Best,
+    /// This device.
+    On(Device),
+}
+
+/// [`placement`]'s answer: the device, and a line for rank 0 to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The device.
+    pub target: Target,
+    /// Why a machine with GPUs trains on the CPU, when it does.
+    pub note: Option<&'static str>,
+}
+
+/// The device of a rank from `model.device`, `dist.backend`, the world and
+/// the number of GPUs this process sees; pure, so it is tested without GPUs.
+///
+/// - `dist.backend = "cpu"`: the CPU backend's collectives take host
+///   tensors only (a CUDA tensor is refused), so `auto` trains on the CPU
+///   and a GPU device is an error;
+/// - `"nccl"`: NCCL takes CUDA tensors only, so `auto` is the local rank's
+///   GPU and `cpu` (or no GPU at all) is an error;
+/// - `"auto"`: `auto` is the local rank's GPU in a world of several
+///   processes (`cuda:LOCAL_RANK`, or `cuda:0` when each rank sees one GPU),
+///   the CPU where there is none; the backend then follows the device.
+pub fn placement(
+    device: &str,
+    backend: &str,
+    world: &WorldInfo,
+    gpus: usize,
+) -> Result<Placement, String> {
+    let backend = match backend {
+        "auto" => None,
+        b => Some(
+            b.parse::<Backend>()
+                .map_err(|e| format!("dist.backend: {e}"))?,
+        ),
+    };
+    let named = match device {
+        "auto" => None,
+        d => Some(
+            d.parse::<Device>()
+                .map_err(|e| format!("model.device: {e}"))?,
+        ),
+    };
+    let on = |d| Placement {
+        target: Target::On(d),
+        note: None,
+    };
+    match (backend, named) {
+        (Some(Backend::Cpu), Some(Device::Cuda(i))) => Err(format!(
+            "model.device = \"cuda:{i}\" cannot train with dist.backend = \"cpu\", whose \
+             collectives take host tensors only: set model.device = \"cpu\" (or \"auto\"), or \
+             dist.backend = \"nccl\" (or \"auto\") for the GPUs"
+        )),
+        (Some(Backend::Cpu), _) => Ok(Placement {
+            target: Target::On(Device::Cpu),
+            note: (named.is_none() && gpus > 0).then_some(
+                "dist.backend = \"cpu\": training on the CPU, since the CPU backend's collectives \
+                 take host tensors only (dist.backend = \"nccl\" or \"auto\" trains on the GPUs)",
+            ),
+        }),
+        (Some(Backend::Nccl), Some(Device::Cpu)) => Err(
+            "model.device = \"cpu\" cannot train with dist.backend = \"nccl\", which needs a GPU \
+             per rank: set model.device = \"auto\" (or cuda:N), or dist.backend = \"cpu\" (or \
+             \"auto\") for the CPU"
+                .into(),
+        ),
+        (Some(Backend::Nccl), None) if gpus == 0 => Err(
+            "dist.backend = \"nccl\" needs a GPU per rank and this process sees none: set \
+             dist.backend = \"cpu\" (or \"auto\") to train on the CPU"
+                .into(),
+        ),
+        (Some(Backend::Nccl), None) => rank_gpu(world, gpus).map(on),
+        (None, None) if world.world_size > 1 && gpus > 0 => rank_gpu(world, gpus).map(on),
+        (None, None) if world.world_size > 1 => Ok(on(Device::Cpu)),
+        (None, None) => Ok(Placement {
+            target: Target::Best,
+            note: None,
+        }),
+        (_, Some(d)) => Ok(on(d)),
+    }
+}
+
+/// The GPU of this rank among `gpus > 0` visible ones: its local rank's, or
+/// the only one (SLURM's --gpus-per-task binding, or CUDA_VISIBLE_DEVICES
+/// per rank, makes it cuda:0 for every rank).
+fn rank_gpu(world: &WorldInfo, gpus: usize) -> Result<Device, String> {
+    match (world.local_rank < gpus, gpus) {
+        (true, _) => Ok(Device::Cuda(world.local_rank)),
+        (false, 1) => Ok(Device::Cuda(0)),
+        (false, _) => Err(format!(
+            "rank {}: local rank {} has no GPU of its own ({gpus} are visible); start at most \
+             {gpus} processes per node",
+            world.rank, world.local_rank
+        )),
+    }
+}
+
+/// The compute device of this rank (see [`placement`]); rank 0 says why
+/// when a machine with GPUs trains on the CPU.
 pub fn device_for(s: &Settings, world: &WorldInfo) -> Result<Ctx, String> {
-    if s.model.device == "auto" && world.world_size > 1 {
-        // Counting devices makes no context: a rank touches only its GPU.
-        let gpus = llmft_tensor::cuda_device_count();
-        if gpus > 0 {
-            // One visible GPU per rank (SLURM's --gpus-per-task binding, or
-            // CUDA_VISIBLE_DEVICES per rank) is cuda:0 for every rank.
-            let ordinal = match (world.local_rank < gpus, gpus) {
-                (true, _) => world.local_rank,
-                (false, 1) => 0,
-                (false, _) => {
-                    return Err(format!(
-                        "rank {}: local rank {} has no GPU of its own ({gpus} are visible); \
-                         start at most {gpus} processes per node",
-                        world.rank, world.local_rank
-                    ))
-                }
-            };
-            return Ctx::new(Device::Cuda(ordinal)).map_err(|e| {
+    // Counting devices makes no context: a rank touches only its GPU.
+    let gpus = llmft_tensor::cuda_device_count();
+    let p = placement(&s.model.device, &s.dist.backend, world, gpus)?;
+    if let Some(note) = p.note.filter(|_| world.rank == 0) {
+        eprintln!("{note}");
+    }
+    match p.target {
+        Target::Best => Ok(Ctx::best()),
+        Target::On(Device::Cpu) => Ok(Ctx::cpu()),
+        Target::On(d @ Device::Cuda(ordinal)) => Ctx::new(d).map_err(|e| {
+            if world.world_size > 1 {
                 format!(
                     "rank {}: the GPU of local rank {} (cuda:{ordinal}): {e}; start one process per GPU",
                     world.rank, world.local_rank
                 )
-            });
-        }
+            } else {
+                e.to_string()
+            }
+        }),
     }
-    crate::device_ctx(&s.model.device)
 }
 
 /// Ranks per node: `LOCAL_WORLD_SIZE` (torchrun, `llmft launch`) or
@@ -198,5 +296,109 @@ impl Job {
         Ok(Box::new(
             ShardedBuilder::new(ctx, num_units, g.clone(), cfg).map_err(|e| e.to_string())?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(rank: usize, world_size: usize, local_rank: usize) -> WorldInfo {
+        WorldInfo {
+            rank,
+            world_size,
+            local_rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+        }
+    }
+
+    fn target(device: &str, backend: &str, w: &WorldInfo, gpus: usize) -> Result<Target, String> {
+        placement(device, backend, w, gpus).map(|p| p.target)
+    }
+
+    #[test]
+    fn the_cpu_backend_trains_on_the_cpu_even_where_gpus_are() {
+        for (w, gpus) in [(rank(1, 2, 1), 2), (rank(0, 2, 0), 8), (rank(0, 1, 0), 1)] {
+            let p = placement("auto", "cpu", &w, gpus).unwrap();
+            assert_eq!(p.target, Target::On(Device::Cpu), "{w:?}");
+            assert!(p.note.unwrap().contains("training on the CPU"), "{w:?}");
+            assert_eq!(target("cpu", "gloo", &w, gpus), Ok(Target::On(Device::Cpu)));
+        }
+        // Nothing to explain without a GPU.
+        let p = placement("auto", "cpu", &rank(0, 2, 0), 0).unwrap();
+        assert_eq!((p.target, p.note), (Target::On(Device::Cpu), None));
+        // A GPU named with the CPU backend cannot work: one sentence.
+        for d in ["cuda", "cuda:1"] {
+            let e = placement(d, "cpu", &rank(1, 2, 1), 2).unwrap_err();
+            assert!(
+                e.starts_with("model.device = \"cuda:")
+                    && e.contains(
+                        "dist.backend = \"cpu\", whose collectives take host tensors only"
+                    ),
+                "{e}"
+            );
+            assert_eq!(e.matches(". ").count(), 0, "one sentence: {e}");
+        }
+    }
+
+    #[test]
+    fn nccl_needs_a_gpu_per_rank() {
+        let w = rank(1, 2, 1);
+        assert_eq!(
+            target("auto", "nccl", &w, 2),
+            Ok(Target::On(Device::Cuda(1)))
+        );
+        assert_eq!(
+            target("auto", "nccl", &w, 1),
+            Ok(Target::On(Device::Cuda(0)))
+        );
+        assert_eq!(
+            target("auto", "nccl", &rank(0, 1, 0), 1),
+            Ok(Target::On(Device::Cuda(0)))
+        );
+        let e = target("auto", "nccl", &rank(3, 4, 3), 2).unwrap_err();
+        assert!(
+            e.contains("local rank 3 has no GPU of its own (2 are visible)"),
+            "{e}"
+        );
+        let e = target("auto", "nccl", &w, 0).unwrap_err();
+        assert!(e.contains("this process sees none"), "{e}");
+        let e = target("cpu", "nccl", &w, 2).unwrap_err();
+        assert!(
+            e.starts_with("model.device = \"cpu\" cannot train with dist.backend = \"nccl\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_follows_the_gpus_and_a_named_device_is_kept() {
+        let w = rank(1, 2, 1);
+        assert_eq!(
+            target("auto", "auto", &w, 2),
+            Ok(Target::On(Device::Cuda(1)))
+        );
+        assert_eq!(target("auto", "auto", &w, 0), Ok(Target::On(Device::Cpu)));
+        assert_eq!(target("auto", "auto", &rank(0, 1, 0), 4), Ok(Target::Best));
+        assert_eq!(target("auto", "auto", &rank(0, 1, 0), 0), Ok(Target::Best));
+        assert_eq!(target("cpu", "auto", &w, 2), Ok(Target::On(Device::Cpu)));
+        assert_eq!(
+            target("cuda:1", "auto", &w, 2),
+            Ok(Target::On(Device::Cuda(1)))
+        );
+        assert_eq!(
+            target("cuda:0", "nccl", &w, 2),
+            Ok(Target::On(Device::Cuda(0)))
+        );
+        for p in [
+            placement("auto", "auto", &w, 2),
+            placement("cuda", "nccl", &w, 2),
+        ] {
+            assert_eq!(p.unwrap().note, None);
+        }
+        let e = target("tpu", "auto", &w, 0).unwrap_err();
+        assert!(e.starts_with("model.device: "), "{e}");
+        let e = target("auto", "mpi", &w, 0).unwrap_err();
+        assert!(e.starts_with("dist.backend: "), "{e}");
     }
 }

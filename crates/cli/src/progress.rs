@@ -4,9 +4,22 @@
 //! a pipe, CI) a plain line is printed every `LLMFT_PROGRESS_INTERVAL_S`
 //! seconds (default 10) or every 10% of the work, whichever comes first,
 //! and at the end — no carriage returns.
+//!
+//! In a job of several processes only global rank 0 reports: every rank
+//! loads and tokenizes the same way, and their lines would interleave (and
+//! on a shared terminal erase each other). Warnings and errors are not
+//! progress; every rank prints its own.
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Whether this process reports progress: global rank 0 of the job that
+/// `RANK` / `SLURM_PROCID` describe, or a single process. Variables that
+/// do not parse count as rank 0 (the command that needs them says why).
+fn reports() -> bool {
+    static LEAD: OnceLock<bool> = OnceLock::new();
+    *LEAD.get_or_init(|| llmft_shard::WorldInfo::from_env().map_or(true, |w| w.rank == 0))
+}
 
 /// The interval between plain lines.
 fn interval() -> Duration {
@@ -29,7 +42,8 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter for `label` on stderr; `quiet` prints nothing.
+    /// A reporter for `label` on stderr; `quiet`, or a rank other than 0,
+    /// prints nothing.
     pub fn new(label: &'static str, quiet: bool) -> Self {
         Reporter {
             label,
@@ -37,7 +51,7 @@ impl Reporter {
             last: None,
             last_tenth: 0,
             terminal: std::io::stderr().is_terminal(),
-            quiet,
+            quiet: quiet || !reports(),
             every: interval(),
         }
     }
@@ -121,9 +135,10 @@ pub fn install_load_progress(quiet: bool) {
     })));
 }
 
-/// Clears a progress line left on a terminal (before the next output).
+/// Clears a progress line left on a terminal (before the next output); a
+/// rank that draws none leaves rank 0's alone.
 pub fn end_line() {
-    if std::io::stderr().is_terminal() {
+    if reports() && std::io::stderr().is_terminal() {
         eprint!("\r\x1b[2K");
     }
 }

@@ -30,8 +30,9 @@ fn train_args(out: &Path, sets: &[&str]) -> Vec<String> {
         "train.eval_every=0".into(),
         "--set".into(),
         "data.batch.batch_size=2".into(),
-        // The CPU process group moves host tensors: these jobs train on the
-        // CPU even where a GPU exists (the NCCL runs are scripts/gpu/dist_bench.sh's).
+        // The CPU backend's world-2 jobs train on the CPU even where a GPU
+        // exists; so must the world-1 runs they are compared with (the NCCL
+        // runs are scripts/gpu/dist_bench.sh's).
         "--set".into(),
         "model.device=\"cpu\"".into(),
     ];
@@ -264,32 +265,68 @@ fn hybrid_shard_over_two_nodes_of_two_ranks_trains_as_world_1() {
 }
 
 /// Two `llmft train` processes started with `env(rank)` each, as a
-/// launcher would; both must succeed.
-fn start_pair(args: &[String], env: impl Fn(usize) -> Vec<(&'static str, String)>) {
+/// launcher would; both must succeed. The stderr of each.
+fn start_pair(args: &[String], env: impl Fn(usize) -> Vec<(&'static str, String)>) -> Vec<String> {
     let children: Vec<Child> = (0..2)
         .map(|r| command(args, &env(r)).spawn().unwrap())
         .collect();
+    let mut stderr = Vec::new();
     for (r, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             out.status.success(),
-            "rank {r}: {}\n{}",
+            "rank {r}: {}\n{err}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
         );
+        stderr.push(err);
     }
+    stderr
+}
+
+/// `args` without `--quiet`.
+fn with_progress(args: Vec<String>) -> Vec<String> {
+    args.into_iter().filter(|a| a != "--quiet").collect()
+}
+
+/// The progress lines of `stderr` (not a terminal: plain lines), each
+/// without its timings: loading and writing weights, tokenizing, the
+/// training steps.
+fn progress_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            if l.starts_with("step ") && l.contains(" eta ") {
+                l.split(" loss ").next()
+            } else if [
+                "loading weights: ",
+                "writing merged model: ",
+                "tokenizing: ",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+            {
+                l.split(',').next()
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[test]
 fn torchrun_and_slurm_variables_start_the_same_job() {
     let launched = scratch("dist-env-launch");
     let sets = ["train.max_steps=3", "dist.backend=\"cpu\""];
-    let (code, o, e) = run(&launch_args(port(4), &train_args(&launched, &sets)), &[]);
-    assert_eq!(code, 0, "{o}\n{e}");
+    // With progress on: only rank 0 reports (below: what the launcher's
+    // two ranks print together is what rank 0 alone prints).
+    let args = with_progress(train_args(&launched, &sets));
+    let (code, o, launched_err) = run(&launch_args(port(4), &args), &[]);
+    assert_eq!(code, 0, "{o}\n{launched_err}");
 
     let torchrun = scratch("dist-env-torchrun");
     let p = port(5).to_string();
-    start_pair(&train_args(&torchrun, &sets), |r| {
+    let stderr = start_pair(&with_progress(train_args(&torchrun, &sets)), |r| {
         vec![
             ("RANK", r.to_string()),
             ("LOCAL_RANK", r.to_string()),
@@ -299,6 +336,20 @@ fn torchrun_and_slurm_variables_start_the_same_job() {
             ("MASTER_PORT", p.clone()),
         ]
     });
+    let rank0 = progress_lines(&stderr[0]);
+    for step in ["step 1/3", "step 2/3", "step 3/3"] {
+        assert_eq!(rank0.iter().filter(|l| **l == step).count(), 1, "{rank0:?}");
+    }
+    assert!(
+        rank0.iter().any(|l| l.starts_with("loading weights: 100%")),
+        "{rank0:?}"
+    );
+    assert!(
+        rank0.iter().any(|l| l.starts_with("tokenizing: ")),
+        "{rank0:?}"
+    );
+    assert_eq!(progress_lines(&stderr[1]), Vec::<&str>::new(), "rank 1");
+    assert_eq!(progress_lines(&launched_err), rank0, "launched");
     let slurm = scratch("dist-env-slurm");
     let p = port(6).to_string();
     start_pair(&train_args(&slurm, &sets), |r| {

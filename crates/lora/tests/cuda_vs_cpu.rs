@@ -6,19 +6,8 @@ mod common;
 
 use common::*;
 use llmft_lora::Mode;
-use llmft_tensor::{cuda_device_count, Ctx, DType};
-
-fn gpu() -> Option<Ctx> {
-    if cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no CUDA device is usable"
-        );
-        eprintln!("cuda_vs_cpu: no CUDA device, skipped");
-        return None;
-    }
-    Some(Ctx::cuda(0).expect("CUDA context"))
-}
+use llmft_tensor::testing::gpu;
+use llmft_tensor::{Ctx, DType};
 
 fn compare(what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
     let e = rel_err(gpu, cpu, 1e-6);

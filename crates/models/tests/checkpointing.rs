@@ -9,19 +9,8 @@
 //! dequantized once for a layer's recompute and backward.
 use llmft_lora::LoraConfig;
 use llmft_models::{Grads, Model, ModelBatch, ModelConfig, QuantConfig};
+use llmft_tensor::testing::gpu;
 use llmft_tensor::{ops, Ctx, DType};
-
-fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no GPU was found"
-        );
-        eprintln!("skipping the CUDA case: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).unwrap())
-}
 
 /// A 3-layer Llama with 4 query heads of 64, 2 kv heads, NF4 decoder
 /// linears and a LoRA adapter on every linear whose B is random (so every

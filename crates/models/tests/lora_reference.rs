@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use llmft_lora::Adapter;
 use llmft_models::{Grads, Model, ModelBatch};
+use llmft_tensor::testing::gpu;
 use llmft_tensor::{Ctx, DType};
 use safetensors::SafeTensors;
 
@@ -117,15 +118,7 @@ fn cpu_f32_matches_peft() {
 
 #[test]
 fn cuda_f32_matches_peft() {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return;
-    }
-    let ctx = Ctx::cuda(0).unwrap();
+    let Some(ctx) = gpu() else { return };
     for kind in ["llama3", "qwen2", "qwen3"] {
         for variant in ["lora", "rslora", "dora"] {
             let (el, _) = check(&ctx, kind, variant);

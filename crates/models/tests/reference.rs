@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use llmft_models::{Grads, Model, ModelBatch};
+use llmft_tensor::testing::gpu;
 use llmft_tensor::{Ctx, DType};
 use safetensors::SafeTensors;
 
@@ -139,18 +140,6 @@ fn cpu_f32_matches_transformers() {
             );
         }
     }
-}
-
-fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).unwrap())
 }
 
 #[test]

@@ -7,7 +7,7 @@ use llmft_offload::{
     check_host_memory, OffloadStats, Offloaded, OffloadedBuilder, OffloadedConfig,
 };
 use llmft_tensor::store::{BlobLayout, Resident, StoreBuilder, Unit, UnitGuard, WeightStore};
-use llmft_tensor::{cuda_device_count, ops, Ctx, DType, Device, Tensor};
+use llmft_tensor::{ops, Ctx, DType, Device, Tensor};
 use proptest::prelude::*;
 
 /// The CPU, and CUDA device 0 where one exists.
@@ -21,17 +21,10 @@ fn contexts() -> Vec<Ctx> {
 }
 
 /// CUDA device 0's context, made once per test binary; `None` (and a skip
-/// message) without a device.
+/// message) without a device, a failure under `LLMFT_REQUIRE_GPU`.
 fn cuda() -> Option<Ctx> {
     static CTX: std::sync::OnceLock<Option<Ctx>> = std::sync::OnceLock::new();
-    CTX.get_or_init(|| {
-        if cuda_device_count() == 0 {
-            eprintln!("no CUDA device: skipping the CUDA-only tests");
-            return None;
-        }
-        Some(Ctx::cuda(0).expect("CUDA device 0"))
-    })
-    .clone()
+    CTX.get_or_init(llmft_tensor::testing::gpu).clone()
 }
 
 /// xorshift64*.

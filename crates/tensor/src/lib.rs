@@ -27,6 +27,7 @@ pub mod ops;
 mod pinned;
 pub mod store;
 mod tensor;
+pub mod testing;
 
 pub use cuda::StreamKind;
 pub use device::{cuda_device_count, Ctx, Device, Event};

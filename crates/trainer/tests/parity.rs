@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use llmft_lora::Adapter;
 use llmft_models::{Model, ModelBatch};
+use llmft_tensor::testing::gpu;
 use llmft_tensor::{Ctx, DType};
 use llmft_trainer::{ScheduleKind, TrainConfig, TrainType, Trainer};
 use serde_json::Value;
@@ -224,18 +225,6 @@ fn lora_f16_matches_peft_every_step() {
 #[test]
 fn full_f16_matches_pytorch_every_step() {
     parity_on("full", &Ctx::cpu(), DType::F16);
-}
-
-fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).unwrap())
 }
 
 /// The same runs on CUDA: f32, and f16 with loss scaling (on whichever

@@ -103,10 +103,4 @@ pub fn ulps(a: f32, b: f32, dtype: DType) -> u32 {
     (key(a) - key(b)).unsigned_abs() as u32
 }
 
-pub fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        eprintln!("skipped: no CUDA GPU here (llmft_tensor::cuda_device_count() == 0)");
-        return None;
-    }
-    Some(Ctx::cuda(0).expect("CUDA context"))
-}
+pub use llmft_tensor::testing::gpu;

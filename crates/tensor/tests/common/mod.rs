@@ -146,15 +146,6 @@ pub fn tol_for(d: DType) -> f64 {
     }
 }
 
-/// The GPU context, or `None` (after saying so) where there is no GPU.
-pub fn gpu() -> Option<Ctx> {
-    if llmft_tensor::cuda_device_count() == 0 {
-        assert!(
-            std::env::var_os("LLMFT_REQUIRE_GPU").is_none(),
-            "LLMFT_REQUIRE_GPU is set but no CUDA GPU was found"
-        );
-        eprintln!("skipping: no CUDA GPU");
-        return None;
-    }
-    Some(Ctx::cuda(0).expect("a CUDA device is reported, but no context can be made on it"))
-}
+// Not every test binary has a CUDA case.
+#[allow(unused_imports)]
+pub use llmft_tensor::testing::gpu;
