@@ -222,9 +222,8 @@ pub fn join(s: &Settings, world: &WorldInfo, ctx: &Ctx) -> Result<Option<Job>, S
         ..GroupConfig::default()
     };
     let rank = world.rank;
-    let group: Arc<dyn ProcessGroup> = Arc::from(
-        init_process_group(world, ctx, cfg.clone()).map_err(|e| format!("rank {rank}: {e}"))?,
-    );
+    let group: Arc<dyn ProcessGroup> =
+        Arc::from(init_process_group(world, ctx, cfg.clone()).map_err(|e| of_rank(rank, e))?);
     let shard_group = match d.strategy {
         Strategy::NoShard => None,
         Strategy::FullShard | Strategy::ShardGradOp => Some(group.clone()),
@@ -235,6 +234,16 @@ pub fn join(s: &Settings, world: &WorldInfo, ctx: &Ctx) -> Result<Option<Job>, S
         shard_group,
         strategy: d.strategy,
     }))
+}
+
+/// `e` as an error of rank `rank`: prefixed with it, unless it names it
+/// first already (the rendezvous errors do).
+fn of_rank(rank: usize, e: impl std::fmt::Display) -> String {
+    let e = e.to_string();
+    match e.starts_with(&format!("rank {rank}: ")) {
+        true => e,
+        false => format!("rank {rank}: {e}"),
+    }
 }
 
 /// The group of this node's ranks (ranks `node·n .. node·n + n` with `n`
@@ -340,6 +349,14 @@ mod tests {
             );
             assert_eq!(e.matches(". ").count(), 0, "one sentence: {e}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_rank_once() {
+        let e = "rank 1: cannot listen on 127.0.0.1:29500 (rendezvous store): in use";
+        assert_eq!(of_rank(1, e), e);
+        assert_eq!(of_rank(0, e), format!("rank 0: {e}"));
+        assert_eq!(of_rank(1, "barrier: broken"), "rank 1: barrier: broken");
     }
 
     #[test]

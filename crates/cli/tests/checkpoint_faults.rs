@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 mod common;
-use common::{root, scratch};
+use common::{port, root, scratch};
 
 /// The demo's model folder and training file, written once per test
 /// binary by a one-step demo run.
@@ -424,11 +424,6 @@ fn a_damaged_checkpoint_file_is_refused_naming_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A port for the world-2 test's rendezvous, distinct per test process.
-fn port() -> u16 {
-    23000 + (std::process::id() % 2000) as u16 * 2
-}
-
 #[test]
 fn a_damaged_rank_file_of_a_world_2_checkpoint_is_refused_naming_it() {
     let dir = scratch("ckpt-faults-w2");
@@ -457,7 +452,7 @@ fn a_damaged_rank_file_of_a_world_2_checkpoint_is_refused_naming_it() {
         "dist.strategy=\"full_shard\"",
         "dist.timeout_s=60",
     ];
-    let out = llmft(&launch(port(), train_args(&dir, &sets)), &[]);
+    let out = llmft(&launch(port(0), train_args(&dir, &sets)), &[]);
     assert!(out.status.success(), "{}", text(&out));
     let ckpt = dir.join("checkpoint-2");
     let names: Vec<String> = write_order(&ckpt).into_iter().map(|(n, _)| n).collect();
@@ -469,7 +464,7 @@ fn a_damaged_rank_file_of_a_world_2_checkpoint_is_refused_naming_it() {
     flip_byte(&rank1);
     let mut resume = train_args(&dir, &sets);
     resume.push("--resume".into());
-    let out = llmft(&launch(port() + 1, resume), &[]);
+    let out = llmft(&launch(port(1), resume), &[]);
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -12,12 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{root, scratch};
-
-/// A port for one test's rendezvous: distinct per test and per test process.
-fn port(offset: u16) -> u16 {
-    20000 + (std::process::id() % 2000) as u16 * 10 + offset
-}
+use common::{ephemeral_low, port, port_block, root, scratch, PORT_BLOCK};
 
 /// The demo job's `train` arguments with `sets`, into `out`, quiet.
 fn train_args(out: &Path, sets: &[&str]) -> Vec<String> {
@@ -512,4 +507,22 @@ fn a_rank_whose_peer_never_comes_fails_within_the_timeout() {
         "names the address: {e}"
     );
     let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn rendezvous_ports_lie_below_the_ephemeral_range() {
+    // Every process id's block, for Linux's default range and a wider one.
+    for low in [32768, 49152, 24000] {
+        for pid in (0..4_194_304u32).step_by(97).chain([1999, 4_194_303]) {
+            let b = port_block(pid, low);
+            assert!(
+                b >= 20000 && b + PORT_BLOCK <= low,
+                "pid {pid}: {b} (range from {low})"
+            );
+        }
+    }
+    // This process's ports: the 14 the tests above use.
+    let low = ephemeral_low();
+    assert!(port(0) >= 20000 && port(13) < low, "{} {low}", port(13));
+    assert_eq!(port(13) - port(0), 13);
 }
