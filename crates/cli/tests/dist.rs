@@ -521,8 +521,66 @@ fn rendezvous_ports_lie_below_the_ephemeral_range() {
             );
         }
     }
-    // This process's ports: the 14 the tests above use.
+    // This process's ports: the 15 the tests of this file use.
     let low = ephemeral_low();
-    assert!(port(0) >= 20000 && port(13) < low, "{} {low}", port(13));
-    assert_eq!(port(13) - port(0), 13);
+    assert!(port(0) >= 20000 && port(14) < low, "{} {low}", port(14));
+    assert_eq!(port(14) - port(0), 14);
+}
+
+/// `llmft bench` draws each global micro-batch's tokens from its index, so
+/// two ranks of one micro-batch each train on what one process
+/// accumulating two micro-batches does: the same losses step by step.
+#[test]
+fn bench_at_world_2_trains_on_world_1s_batches() {
+    let common: Vec<String> = [
+        "bench",
+        "--model",
+        "tiny",
+        "--layers",
+        "1",
+        "--seq",
+        "16",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--gemm-size",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let losses = |out: &str| -> Vec<f64> {
+        let last = out.lines().last().unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let mut one = common.clone();
+    one.extend(["--grad-accum".to_string(), "2".into()]);
+    let (code, out1, err) = run(&one, &[]);
+    assert_eq!(code, 0, "{err}");
+    let mut two = common.clone();
+    two.extend(["--backend".to_string(), "cpu".into()]);
+    let (code, out2, err) = run(&launch_args(port(14), &two), &[]);
+    assert_eq!(code, 0, "{err}");
+    let (a, b) = (losses(&out1), losses(&out2));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "world 1 {a:?} vs world 2 {b:?}"
+        );
+    }
 }
